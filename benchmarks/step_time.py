@@ -1,0 +1,116 @@
+"""Step time of a weighting's `fit` against plain Keras `fit`, side by side.
+
+The same MultiMNIST LeNet (conv10-5, pool, conv20-5, pool, dense 50 = Z;
+each head dense 50, dense 10), the same weights, the same data, in one
+process; runs alternate between the two models and the ratio is taken of the
+best-of-N epoch times (these machines are noisy; never assert a time in a
+test). The backend comes from KERAS_BACKEND.
+
+Usage:
+    KERAS_BACKEND=tensorflow python benchmarks/step_time.py --tasks 2 40
+    python benchmarks/step_time.py --method uniform --tasks 2 --repeats 7
+"""
+
+import argparse
+import json
+import time
+
+import keras
+import numpy as np
+
+import keras_mgda as km
+
+METHODS = {
+    "mgda": lambda: km.weighting.MGDA(),
+    "mgda-parameters": lambda: km.weighting.MGDA(mode="parameters"),
+    "uniform": lambda: km.weighting.Uniform(),
+}
+
+
+def lenet(num_tasks, model_class=keras.Model, **kwargs):
+    """The authors' MultiMNIST LeNet with `num_tasks` heads."""
+    x = keras.Input((28, 28, 1), name="image")
+    h = keras.layers.Conv2D(10, 5, activation="relu")(x)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Conv2D(20, 5, activation="relu")(h)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Flatten()(h)
+    z = keras.layers.Dense(50, activation="relu", name="shared")(h)
+    outputs = {}
+    for t in range(num_tasks):
+        head = keras.layers.Dense(50, activation="relu", name=f"task_{t}_hidden")(z)
+        outputs[f"task_{t}"] = keras.layers.Dense(10, name=f"task_{t}")(head)
+    return model_class(x, outputs, **kwargs)
+
+
+def _compile(model, num_tasks, jit_compile):
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-2, momentum=0.9),
+        loss={f"task_{t}": loss for t in range(num_tasks)},
+        jit_compile=jit_compile,
+    )
+
+
+def _epoch_time(model, x, y, batch_size):
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    return time.perf_counter() - start
+
+
+def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0):
+    """Returns best-of-`repeats` seconds per step for plain Keras and for the
+    weighting, and their ratio."""
+    rng = np.random.default_rng(seed)
+    n = steps * batch_size
+    x = rng.normal(size=(n, 28, 28, 1)).astype("float32")
+    y = {f"task_{t}": rng.integers(0, 10, size=(n,)).astype("int32") for t in range(num_tasks)}
+
+    plain = lenet(num_tasks)
+    ours = lenet(num_tasks, km.MultiTaskModel, weighting=METHODS[method]())
+    ours.set_weights(plain.get_weights())
+    for model in (plain, ours):
+        _compile(model, num_tasks, jit_compile)
+        _epoch_time(model, x[: 2 * batch_size], {k: v[: 2 * batch_size] for k, v in y.items()}, batch_size)
+
+    times = {"keras": [], method: []}
+    for _ in range(repeats):
+        times["keras"].append(_epoch_time(plain, x, y, batch_size) / steps)
+        times[method].append(_epoch_time(ours, x, y, batch_size) / steps)
+    best_plain, best_ours = min(times["keras"]), min(times[method])
+    return {
+        "backend": keras.backend.backend(),
+        "method": method,
+        "tasks": num_tasks,
+        "batch_size": batch_size,
+        "steps_per_epoch": steps,
+        "repeats": repeats,
+        "jit_compile": jit_compile,
+        "keras_ms_per_step": round(1e3 * best_plain, 3),
+        f"{method}_ms_per_step": round(1e3 * best_ours, 3),
+        "ratio": round(best_ours / best_plain, 3),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 40])
+    parser.add_argument("--method", choices=sorted(METHODS), default="mgda")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--jit-compile", default="auto", help="'auto', 'true' or 'false'")
+    parser.add_argument("--output", help="append JSON lines here")
+    args = parser.parse_args()
+    jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
+    for num_tasks in args.tasks:
+        result = measure(num_tasks, args.method, args.steps, args.batch_size, args.repeats, jit)
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""keras_mgda: multi-task learning as multi-objective optimisation in Keras 3.
+
+MGDA-UB (Sener & Koltun, NeurIPS 2018) and other loss-balancing methods as a
+drop-in `keras.Model`, on TensorFlow, JAX and PyTorch.
+"""
+
+from keras_mgda import solvers
+from keras_mgda import weighting
+from keras_mgda.model import MGDAModel
+from keras_mgda.model import MultiTaskModel
+
+__version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""The multi-task train step on TensorFlow (tf.GradientTape, tf.distribute)."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from keras_mgda import step
+
+
+def _unscale_for_distribution(value):
+    # Keras pre-scales each replica's loss by 1/R; the logged loss is not.
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value * replicas if replicas > 1 else value
+
+
+def _all_reduce_sum(value):
+    """Sums `value` over replicas so each one solves the same global problem."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _jacobian(tape, target, sources):
+    # pfor vectorises the T backward passes; fall back to a loop for ops it
+    # cannot convert.
+    try:
+        return tape.jacobian(target, sources, experimental_use_pfor=True)
+    except (ValueError, NotImplementedError, TypeError):
+        return tape.jacobian(target, sources, experimental_use_pfor=False)
+
+
+def _apply_if(ok, optimizer, grads, variables):
+    """Applies the gradients when `ok`; otherwise leaves weights and
+    optimizer state untouched."""
+
+    def apply():
+        optimizer.apply_gradients(zip(grads, variables))
+
+    strategy_needs_merge = tf.distribute.has_strategy() and not (
+        tf.__internal__.distribute.strategy_supports_no_merge_call()
+    )
+    if not strategy_needs_merge:
+        ops.cond(ok, apply, lambda: None)
+        return
+
+    # A cond whose branch calls merge_call must run in cross-replica context
+    # (the same pattern as Keras's LossScaleOptimizer).
+    def cross_replica(distribution, ok, grads):
+        ok = distribution.experimental_local_results(ok)[0]
+
+        def apply_each():
+            distribution.extended.call_for_each_replica(
+                lambda g: optimizer.apply_gradients(zip(g, variables)),
+                args=(grads,),
+            )
+
+        ops.cond(ok, apply_each, lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(
+        cross_replica, args=(ok, grads)
+    )
+
+
+def train_step(model, data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    model._ensure_tasks(data)
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    weighting = model.weighting
+    encoder, heads = model.encoder, model.heads
+    trainable = model.trainable_variables
+    needs_gram = weighting.requires_gram
+    in_parameters = needs_gram and weighting.gradient_space == "parameters"
+    protected = step.state_to_protect(model)
+    saved = step.snapshot(protected)
+
+    with tf.GradientTape(persistent=needs_gram) as tape:
+        z = encoder(x, training=True)
+        if needs_gram and not in_parameters:
+            # The heads read a detached copy of Z: the encoder is then
+            # reached only through the cotangent we build, once.
+            z_heads = tf.stop_gradient(z)
+            tape.watch(z_heads)
+        else:
+            z_heads = z
+        y_pred = heads(z_heads, training=True)
+        loss = model._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        model._loss_tracker.update_state(
+            _unscale_for_distribution(loss), sample_weight=step.batch_size(x)
+        )
+        task_losses = model._task_losses()
+        extra = model._additional_loss()
+        scaled_losses = optimizer.scale_loss(task_losses)
+        scaled_extra = None if extra is None else optimizer.scale_loss(extra)
+        if not needs_gram:
+            weights = weighting(task_losses)
+            objective = ops.sum(weights * scaled_losses)
+            if scaled_extra is not None:
+                objective = objective + scaled_extra
+
+    gram = None
+    if needs_gram:
+        loss_scale = optimizer.scale_loss(tf.ones((), dtype="float32"))
+        sources = encoder.trainable_variables if in_parameters else z_heads
+        jacobians = _jacobian(tape, scaled_losses, sources)
+        if not in_parameters:
+            jacobians = [jacobians]
+        gram = _all_reduce_sum(step.gram_from_jacobians(jacobians, loss_scale))
+        weights = tf.stop_gradient(
+            weighting(ops.cast(task_losses, "float32"), gram)
+        )
+        head_weights = weighting.head_weights(weights)
+        if in_parameters:
+            encoder_ids = {id(v) for v in encoder.trainable_variables}
+            others = [v for v in trainable if id(v) not in encoder_ids]
+            by_id = {
+                id(v): step.combine(weights, jac)
+                for v, jac in zip(encoder.trainable_variables, jacobians)
+            }
+            other_grads = tape.gradient(
+                scaled_losses,
+                others,
+                output_gradients=ops.cast(head_weights, scaled_losses.dtype),
+            )
+            by_id.update((id(v), g) for v, g in zip(others, other_grads))
+            grads = [by_id[id(v)] for v in trainable]
+            if scaled_extra is not None:
+                extra_grads = tape.gradient(scaled_extra, trainable)
+                grads = [
+                    g if e is None else (e if g is None else g + e)
+                    for g, e in zip(grads, extra_grads)
+                ]
+        else:
+            cotangent = step.combine(weights, jacobians[0])
+            targets = [z, scaled_losses]
+            output_gradients = [
+                cotangent,
+                ops.cast(head_weights, scaled_losses.dtype),
+            ]
+            if scaled_extra is not None:
+                targets.append(scaled_extra)
+                output_gradients.append(tf.ones_like(scaled_extra))
+            grads = tape.gradient(
+                targets, trainable, output_gradients=output_gradients
+            )
+    else:
+        grads = tape.gradient(objective, trainable)
+    del tape
+
+    per_task_ok = step.task_finite(task_losses, gram)
+    weights_ok = step.weights_finite(weights)
+    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_ok)
+    losses_ok = ops.all(step.task_finite(task_losses, None))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Overflowing scaled gradients are routine here: the loss scale
+        # optimizer skips those steps and lowers the scale itself.
+        step_ok = losses_ok
+    else:
+        step_ok = logged_ok
+    step_ok = _all_reduce_sum(ops.cast(ops.logical_not(step_ok), "int32")) == 0
+
+    if model.on_nonfinite == "raise":
+        step.restore_unless(step_ok, protected, saved)
+        bad_task = tf.gather(
+            tf.constant(model.task_names),
+            tf.argmin(tf.cast(per_task_ok, tf.int32)),
+        )
+        check = tf.debugging.Assert(
+            step_ok, [model.nonfinite_message(), bad_task], summarize=1
+        )
+        with tf.control_dependencies([check]):
+            grads = [None if g is None else tf.identity(g) for g in grads]
+            optimizer.apply_gradients(zip(grads, trainable))
+    else:
+        _apply_if(step_ok, optimizer, grads, trainable)
+
+    model._update_task_trackers(weights, logged_ok)
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    step.restore_unless(step_ok, protected, saved)
+    return model._train_logs(step_ok)

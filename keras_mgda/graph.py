@@ -1,0 +1,197 @@
+"""Finding the shared representation Z of a functional model, and splitting
+the model at Z into an encoder (inputs -> Z) and heads (Z -> outputs).
+
+Z is the immediate dominator of a virtual sink joined to every output, in the
+tensor graph rooted at a virtual source joined to every input: the deepest
+tensor that every path from an input to an output goes through. Every output
+depends on Z and on nothing else from the inputs, so the heads can be run on
+Z alone and the per-task gradients with respect to Z tell the whole story.
+"""
+
+import keras
+
+_SOURCE = "source"
+_SINK = "sink"
+
+
+def _producing_node(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    operation, node_index, _ = history
+    return operation._inbound_nodes[node_index]
+
+
+def _tensor_predecessors(outputs):
+    """Maps id(tensor) -> ids of the tensors its producing node reads.
+
+    Returns (predecessors, tensors_by_id), covering every tensor that an
+    output depends on. Input tensors have the virtual source as predecessor.
+    """
+    predecessors = {}
+    tensors = {}
+    stack = list(outputs)
+    while stack:
+        tensor = stack.pop()
+        key = id(tensor)
+        if key in tensors:
+            continue
+        tensors[key] = tensor
+        node = _producing_node(tensor)
+        if node is None or node.is_input or not node.input_tensors:
+            predecessors[key] = [_SOURCE]
+            continue
+        parents = list(node.input_tensors)
+        predecessors[key] = [id(p) for p in parents]
+        stack.extend(parents)
+    predecessors[_SINK] = [id(t) for t in outputs]
+    return predecessors, tensors
+
+
+def _topological_order(predecessors):
+    """Orders nodes so that every node comes after all its predecessors."""
+    order, state = [], {}
+    for root in predecessors:
+        if root in state:
+            continue
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                state[node] = "done"
+                order.append(node)
+                continue
+            if state.get(node) is not None:
+                continue
+            state[node] = "open"
+            stack.append((node, True))
+            for parent in predecessors.get(node, ()):
+                if state.get(parent) is None:
+                    stack.append((parent, False))
+    return order
+
+
+def find_shared_representation(inputs, outputs):
+    """Finds the deepest tensor that every output depends on.
+
+    Uses the Cooper-Harvey-Kennedy dominator intersection, which on a DAG
+    needs one pass in topological order.
+
+    Args:
+        inputs: the functional model's input tensors (a flat list).
+        outputs: the functional model's output tensors (a flat list).
+
+    Returns:
+        The `KerasTensor` Z such that every path from an input to an output
+        goes through Z.
+
+    Raises:
+        ValueError: if no such tensor exists besides the inputs themselves,
+            that is, the outputs share no layer.
+
+    Example:
+
+    >>> x = keras.Input((4,))
+    >>> z = keras.layers.Dense(3)(x)
+    >>> a, b = keras.layers.Dense(1)(z), keras.layers.Dense(1)(z)
+    >>> find_shared_representation([x], [a, b]) is z
+    True
+    """
+    predecessors, tensors = _tensor_predecessors(outputs)
+    idom = {_SOURCE: _SOURCE}
+    depth = {_SOURCE: 0}
+
+    def intersect(a, b):
+        while a != b:
+            if depth[a] >= depth[b]:
+                a = idom[a]
+            else:
+                b = idom[b]
+        return a
+
+    for node in _topological_order(predecessors):
+        if node == _SOURCE:
+            continue
+        preds = predecessors[node]
+        dominator = preds[0]
+        for pred in preds[1:]:
+            dominator = intersect(dominator, pred)
+        idom[node] = dominator
+        depth[node] = depth[dominator] + 1
+
+    shared = idom[_SINK]
+    input_ids = {id(t) for t in inputs}
+    if shared == _SOURCE or shared in input_ids:
+        raise ValueError(
+            "keras_mgda could not find a shared representation: the model's "
+            "outputs share no layer (every output can be reached from an "
+            "input without passing through a common tensor). Multi-task "
+            "training needs a shared trunk whose output feeds every head. "
+            "Build the heads on a common tensor, or name it with "
+            "`shared=<layer name>`."
+        )
+    return tensors[shared]
+
+
+def resolve_shared(model, shared):
+    """Returns the tensor Z named by `shared`, or found automatically.
+
+    Args:
+        model: a functional `keras.Model`.
+        shared: None (find it), a layer name, a `keras.layers.Layer` of the
+            model, or a `KerasTensor` of the model's graph.
+
+    Returns:
+        The `KerasTensor` Z.
+    """
+    if shared is None:
+        return find_shared_representation(model.inputs, model.outputs)
+    if isinstance(shared, str):
+        try:
+            shared = model.get_layer(shared)
+        except ValueError as error:
+            raise ValueError(
+                f"`shared={shared!r}` names no layer of the model. Pass the "
+                "name of the layer whose output is the shared representation "
+                f"(layers: {[layer.name for layer in model.layers]})."
+            ) from error
+    if isinstance(shared, keras.layers.Layer):
+        if len(shared._inbound_nodes) != 1:
+            raise ValueError(
+                f"Layer '{shared.name}' is called "
+                f"{len(shared._inbound_nodes)} times in the model, so its "
+                "output is ambiguous. Name a layer that is called once."
+            )
+        shared = shared.output
+    if isinstance(shared, (list, tuple)):
+        raise ValueError(
+            "The shared representation must be a single tensor; the named "
+            "layer has several outputs."
+        )
+    return shared
+
+
+def split_at(model, shared_tensor):
+    """Splits a functional model into encoder (inputs -> Z) and heads
+    (Z -> outputs), sharing the model's layers and weights.
+
+    Args:
+        model: a functional `keras.Model`.
+        shared_tensor: the `KerasTensor` Z, a cut of the graph.
+
+    Returns:
+        `(encoder, heads)`, two functional models.
+    """
+    outputs = model._outputs_struct
+    try:
+        encoder = keras.Model(model._inputs_struct, shared_tensor)
+        heads = keras.Model(shared_tensor, outputs)
+    except ValueError as error:
+        raise ValueError(
+            f"The tensor '{getattr(shared_tensor, 'name', shared_tensor)}' "
+            "is not a shared representation of this model: some output can "
+            "be reached from the inputs without passing through it "
+            f"({error}). Name the output of a layer that every head is "
+            "built on, or leave `shared=None` to find it automatically."
+        ) from error
+    return encoder, heads

@@ -1,0 +1,329 @@
+"""MultiTaskModel and MGDAModel: a functional `keras.Model` whose `fit`
+balances the task losses with a `Weighting` (MGDA-UB by default)."""
+
+import keras
+
+from keras_mgda import backend as mtl_backend
+from keras_mgda import graph
+from keras_mgda import weighting as weighting_lib
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class _RecordingLoss:
+    """Wraps one entry of Keras's `CompileLoss` to keep the value it computed,
+    so the per-task losses come with Keras's own structure handling,
+    `sample_weight`, `loss_weights` and `<output>_loss` trackers."""
+
+    def __init__(self, loss_fn, sink, index):
+        self.loss_fn = loss_fn
+        self.sink = sink
+        self.index = index
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        value = self.loss_fn(y_true, y_pred, sample_weight)
+        self.sink[self.index] = value
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self.loss_fn, name)
+
+
+class _Parts:
+    """Helper sub-models and per-compile state, kept out of Keras tracking so
+    that `.keras` files hold exactly the user's model."""
+
+    def __init__(self, encoder, heads, shared_tensor):
+        self.encoder = encoder
+        self.heads = heads
+        self.shared_tensor = shared_tensor
+        self.task_names = None
+        self.task_weights = None  # loss_weights, one per task
+        self.recorded = {}
+        self.alpha_trackers = []
+        self.skipped_tracker = None
+        self.compile_loss = None
+        self.logging_task_weights = False
+
+
+@keras.saving.register_keras_serializable(package="keras_mgda")
+class MultiTaskModel(keras.Model):
+    """A functional model trained as a multi-task problem.
+
+    Built like `keras.Model(inputs, outputs)`. Every output compiled with a
+    loss is a task. The model is split at the shared representation Z (the
+    deepest tensor that every output depends on, or the output of the layer
+    named by `shared`); each training step runs the encoder forward once,
+    the heads forward once, computes what the weighting needs (per-task
+    gradients with respect to Z through the heads only, their Gram matrix in
+    float32), and backpropagates through the encoder once with the cotangent
+    sum_t w_t dL_t/dZ. Every step logs `<output>_alpha`, the task's weight,
+    beside Keras's `<output>_loss`.
+
+    Args:
+        inputs, outputs: as for `keras.Model`.
+        weighting: a `keras_mgda.weighting.Weighting`; default
+            `keras_mgda.weighting.MGDA()`.
+        shared: None to find the shared representation automatically, or the
+            name of the layer whose output is Z.
+        on_nonfinite: what a training step does when a task's loss or
+            gradient is NaN or Inf: `"raise"` (default) stops `fit` with an
+            error naming the task, before any weight changes; `"skip"`
+            leaves every weight and optimizer state unchanged for that step
+            and counts it in the `skipped_steps` log.
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+
+    ```python
+    x = keras.Input((16,))
+    z = keras.layers.Dense(32, activation="relu")(x)
+    a = keras.layers.Dense(1, name="a")(z)
+    b = keras.layers.Dense(3, name="b")(z)
+    model = keras_mgda.MultiTaskModel(
+        x, {"a": a, "b": b}, weighting=keras_mgda.weighting.MGDA())
+    model.compile("sgd", loss={"a": "mse", "b": "sparse_categorical_crossentropy"})
+    history = model.fit(x_train, {"a": ya, "b": yb}, epochs=2)
+    history.history["a_alpha"]
+    ```
+    """
+
+    def __init__(
+        self,
+        *args,
+        weighting=None,
+        shared=None,
+        on_nonfinite="raise",
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Unknown on_nonfinite={on_nonfinite!r}; use one of "
+                f"{NONFINITE_POLICIES}."
+            )
+        self.on_nonfinite = on_nonfinite
+        object.__setattr__(self, "_weighting", weighting_lib.get(weighting))
+        shared_tensor = graph.resolve_shared(self, shared)
+        encoder, heads = graph.split_at(self, shared_tensor)
+        object.__setattr__(self, "_parts", _Parts(encoder, heads, shared_tensor))
+        object.__setattr__(self, "_shared_name", _layer_name(shared, shared_tensor))
+
+    @property
+    def weighting(self):
+        """The `Weighting` that balances the tasks."""
+        return self._weighting
+
+    @property
+    def encoder(self):
+        """The functional sub-model from the inputs to the shared
+        representation Z (shares the layers and weights)."""
+        return self._parts.encoder
+
+    @property
+    def heads(self):
+        """The functional sub-model from Z to the outputs."""
+        return self._parts.heads
+
+    @property
+    def task_names(self):
+        """Names of the outputs compiled with a loss (known once built)."""
+        return self._parts.task_names
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self._tasks_ready():
+            parts = self._parts
+            metrics = metrics + self._task_trackers()
+        return metrics
+
+    def get_metrics_result(self):
+        results = super().get_metrics_result()
+        if self._tasks_ready() and not self._parts.logging_task_weights:
+            # Task weights exist only in training: keep them out of
+            # `evaluate` and the `val_` logs.
+            for tracker in self._task_trackers():
+                results.pop(tracker.name, None)
+        return results
+
+    def _tasks_ready(self):
+        parts = self.__dict__.get("_parts")
+        return (
+            parts is not None
+            and parts.task_names is not None
+            and parts.compile_loss is getattr(self, "_compile_loss", None)
+        )
+
+    def _task_trackers(self):
+        return self._parts.alpha_trackers + [self._parts.skipped_tracker]
+
+    def _train_logs(self, step_taken):
+        """Counts a skipped step and returns the logs of the train step:
+        Keras's metrics plus the task weights."""
+        self._parts.skipped_tracker.update_state(
+            1.0 - keras.ops.cast(step_taken, "float32")
+        )
+        self._parts.logging_task_weights = True
+        try:
+            return self.get_metrics_result()
+        finally:
+            self._parts.logging_task_weights = False
+
+    # Task bookkeeping -----------------------------------------------------
+
+    def _symbolic_build(self, *args, **kwargs):
+        super()._symbolic_build(*args, **kwargs)
+        if self._compile_loss is not None and self._compile_loss.built:
+            self._prepare_tasks()
+
+    def _ensure_tasks(self, data):
+        """Makes sure the tasks are known and their trackers exist; on TF
+        without a distribution strategy Keras builds lazily, so build here."""
+        if not self._tasks_ready():
+            if self._compile_loss is None:
+                raise ValueError(
+                    "The model was compiled without a loss, so it has no "
+                    "task. Pass `loss=` to `compile`, one per output that is "
+                    "a task, e.g. loss={'left': 'sparse_categorical_"
+                    "crossentropy', 'right': ...}."
+                )
+            if not self._compile_loss.built:
+                self._symbolic_build(data_batch=data)
+            self._prepare_tasks()
+
+    def _prepare_tasks(self):
+        parts = self._parts
+        compile_loss = self._compile_loss
+        if parts.task_names is not None and parts.compile_loss is compile_loss:
+            return
+        flat_losses = getattr(compile_loss, "_flat_losses", None)
+        if flat_losses is None:
+            raise RuntimeError(
+                "keras_mgda reads the per-output losses from Keras's "
+                "CompileLoss._flat_losses, which this Keras version "
+                f"({keras.__version__}) does not have. Install keras>=3.10."
+            )
+        if not flat_losses:
+            raise ValueError(
+                "No output of the model has a loss, so there is no task. "
+                "Pass `loss=` to `compile` for the outputs that are tasks."
+            )
+        parts.recorded = {}
+        for index, entry in enumerate(flat_losses):
+            if not isinstance(entry.loss, _RecordingLoss):
+                flat_losses[index] = entry._replace(
+                    loss=_RecordingLoss(entry.loss, parts.recorded, index)
+                )
+            else:
+                entry.loss.sink = parts.recorded
+        parts.task_names = [entry.name for entry in flat_losses]
+        parts.task_weights = [
+            1.0 if entry.loss_weights is None else entry.loss_weights
+            for entry in flat_losses
+        ]
+        parts.alpha_trackers = [
+            keras.metrics.Mean(name=f"{name}_alpha") for name in parts.task_names
+        ]
+        parts.skipped_tracker = keras.metrics.Sum(name="skipped_steps")
+        parts.compile_loss = compile_loss
+
+    def _task_losses(self):
+        """The per-task losses recorded by the last loss computation, with
+        their `loss_weights`, as one (T,) tensor in the loss dtype."""
+        parts = self._parts
+        values = []
+        for index, weight in enumerate(parts.task_weights):
+            value = keras.ops.cast(
+                parts.recorded[index], self._compile_loss.dtype
+            )
+            values.append(value * weight)
+        return keras.ops.stack(values)
+
+    def _additional_loss(self):
+        """Regularisation and `add_loss` terms, applied unweighted."""
+        extra = [self._aggregate_additional_loss(loss) for loss in self.losses]
+        if not extra:
+            return None
+        return keras.ops.sum(keras.ops.stack(extra))
+
+    def _update_task_trackers(self, weights, finite):
+        """Logs each task's weight, ignoring steps whose weights are not
+        finite."""
+        finite_f = keras.ops.cast(finite, "float32")
+        safe = keras.ops.where(finite, weights, keras.ops.zeros_like(weights))
+        for index, tracker in enumerate(self._parts.alpha_trackers):
+            tracker.update_state(safe[index], sample_weight=finite_f)
+
+    def nonfinite_message(self):
+        return (
+            "keras_mgda: the loss or gradient of a task is NaN or Inf at this "
+            "step; no weight was changed. Lower the learning rate, check the "
+            "data and the loss of that task, or compile with "
+            "on_nonfinite='skip' to skip such steps. Task:"
+        )
+
+    # Training -------------------------------------------------------------
+
+    def train_step(self, *args, **kwargs):
+        return mtl_backend.train_step(self, *args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "weighting": keras.saving.serialize_keras_object(self.weighting),
+                "shared": self._shared_name,
+                "on_nonfinite": self.on_nonfinite,
+            }
+        )
+        return config
+
+
+def _layer_name(shared, shared_tensor):
+    """A serialisable name for the shared representation, or None when it is
+    found automatically (it will be found again on load)."""
+    if shared is None:
+        return None
+    if isinstance(shared, str):
+        return shared
+    operation = shared_tensor._keras_history[0]
+    return operation.name
+
+
+@keras.saving.register_keras_serializable(package="keras_mgda")
+class MGDAModel(MultiTaskModel):
+    """A `MultiTaskModel` trained with MGDA-UB (Sener & Koltun, 2018).
+
+    Args:
+        inputs, outputs: as for `keras.Model`.
+        normalization, mode, head_update, max_iters, tol, epsilon: options of
+            `keras_mgda.weighting.MGDA`.
+        shared, on_nonfinite: as for `MultiTaskModel`.
+        **kwargs: passed to `keras.Model`.
+
+    Example:
+
+    ```python
+    model = keras_mgda.MGDAModel(inputs, {"left": left, "right": right})
+    model.compile("sgd", loss="sparse_categorical_crossentropy")
+    model.fit(images, {"left": y_left, "right": y_right}, epochs=10)
+    ```
+    """
+
+    _MGDA_OPTIONS = ("normalization", "mode", "head_update", "max_iters", "tol", "epsilon")
+
+    def __init__(self, *args, weighting=None, **kwargs):
+        options = {k: kwargs.pop(k) for k in self._MGDA_OPTIONS if k in kwargs}
+        if weighting is None:
+            weighting = weighting_lib.MGDA(**options)
+        else:
+            weighting = weighting_lib.get(weighting)
+            if options or not isinstance(weighting, weighting_lib.MGDA):
+                raise ValueError(
+                    "MGDAModel takes MGDA options as keyword arguments "
+                    f"({', '.join(self._MGDA_OPTIONS)}), not another "
+                    "weighting; use MultiTaskModel(weighting=...) for other "
+                    "methods."
+                )
+        super().__init__(*args, weighting=weighting, **kwargs)

@@ -1,0 +1,275 @@
+"""MultiTaskModel / MGDAModel behave as Keras models: fit, evaluate, predict,
+save and load, and bad input gets a clear error."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mgda as km
+
+TASKS = ("reg", "cls", "bin")
+
+
+def _untuned_model(weighting=None, **kwargs):
+    """Mixed heads, BatchNorm, Dropout, a skip connection inside the trunk,
+    dict outputs: a model nobody tuned for."""
+    x = keras.Input((10,), name="features")
+    h = keras.layers.Dense(16, activation="relu", name="trunk_1")(x)
+    h2 = keras.layers.Dense(16, activation="relu", name="trunk_2")(h)
+    h = keras.layers.Add(name="skip")([h, h2])
+    h = keras.layers.BatchNormalization(name="trunk_bn")(h)
+    z = keras.layers.Dense(12, activation="relu", name="shared")(h)
+    reg = keras.layers.Dense(1, name="reg")(keras.layers.Dense(8, activation="relu")(z))
+    cls = keras.layers.Dense(4, activation="softmax", name="cls")(keras.layers.Dropout(0.3)(z))
+    binary = keras.layers.Dense(1, activation="sigmoid", name="bin")(z)
+    outputs = {"reg": reg, "cls": cls, "bin": binary}
+    if weighting is None and "normalization" in kwargs:
+        return km.MGDAModel(x, outputs, **kwargs)
+    return km.MultiTaskModel(x, outputs, weighting=weighting, **kwargs)
+
+
+def _compile(model, **kwargs):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss={
+            "reg": "mse",
+            "cls": "sparse_categorical_crossentropy",
+            "bin": "binary_crossentropy",
+        },
+        metrics={"cls": ["accuracy"]},
+        **kwargs,
+    )
+    return model
+
+
+def _data(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10)).astype("float32")
+    y = {
+        "reg": (x[:, :1] * 1.5 - x[:, 1:2]).astype("float32"),
+        "cls": (np.argmax(x[:, 2:6], axis=1)).astype("int32"),
+        "bin": (x[:, 6:7] > 0).astype("float32"),
+    }
+    return x, y
+
+
+def test_finds_the_shared_representation():
+    model = _untuned_model()
+    assert model.encoder.outputs[0].shape[-1] == 12
+    assert model.encoder.layers[-1].name == "shared"
+
+
+def test_untuned_model_trains_logs_alphas_and_round_trips(tmp_path):
+    model = _compile(_untuned_model(normalization="l2", head_update="full"))
+    x, y = _data()
+    history = model.fit(x, y, epochs=3, batch_size=32, validation_split=0.25, verbose=0)
+    logs = history.history
+    alphas = np.array([logs[f"{t}_alpha"] for t in TASKS])  # (T, epochs)
+    assert np.all(alphas >= 0)
+    np.testing.assert_allclose(alphas.sum(axis=0), 1.0, atol=1e-5)
+    assert logs["loss"][-1] < logs["loss"][0]
+    assert all(np.isfinite(v).all() for v in logs.values())
+    assert "val_reg_loss" in logs and "val_reg_alpha" not in logs
+    assert logs["skipped_steps"] == [0.0, 0.0, 0.0]
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is km.MGDAModel
+    assert loaded.weighting.get_config() == model.weighting.get_config()
+    assert loaded.on_nonfinite == model.on_nonfinite
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    pred, pred_loaded = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    for t in TASKS:
+        np.testing.assert_allclose(pred[t], pred_loaded[t], rtol=1e-6)
+    assert loaded.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
+
+    before = loaded.get_layer("shared").get_weights()[0].copy()
+    more = loaded.fit(x, y, epochs=1, batch_size=32, verbose=0).history
+    assert np.all(np.isfinite(more["loss"]))
+    assert not np.allclose(before, loaded.get_layer("shared").get_weights()[0])
+    np.testing.assert_allclose(sum(more[f"{t}_alpha"][0] for t in TASKS), 1.0, atol=1e-5)
+    scores = loaded.evaluate(x, y, verbose=0, return_dict=True)
+    assert "reg_alpha" not in scores and np.isfinite(scores["loss"])
+
+
+def test_shared_option_round_trips(tmp_path):
+    model = _untuned_model(weighting=km.weighting.Uniform(), shared="trunk_bn", on_nonfinite="skip")
+    assert model.encoder.layers[-1].name == "trunk_bn"
+    _compile(model)
+    x, y = _data(64)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.encoder.layers[-1].name == "trunk_bn"
+    assert isinstance(loaded.weighting, km.weighting.Uniform)
+    assert loaded.on_nonfinite == "skip"
+
+
+def test_model_without_shared_layers_is_refused():
+    x = keras.Input((4,))
+    a = keras.layers.Dense(1, name="a")(x)
+    b = keras.layers.Dense(1, name="b")(x)
+    with pytest.raises(ValueError, match="share no layer"):
+        km.MGDAModel(x, [a, b])
+
+
+def test_skip_around_the_last_trunk_layer_moves_z_earlier():
+    x = keras.Input((4,))
+    t1 = keras.layers.Dense(4, name="t1")(x)
+    t2 = keras.layers.Dense(4, name="t2")(t1)
+    a = keras.layers.Dense(1, name="a")(t2)
+    b = keras.layers.Dense(1, name="b")(keras.layers.Concatenate()([t1, t2]))
+    model = km.MGDAModel(x, [a, b])
+    assert model.encoder.layers[-1].name == "t1"
+
+
+def test_shared_that_is_not_a_cut_is_refused():
+    x = keras.Input((4,))
+    t1 = keras.layers.Dense(4, name="t1")(x)
+    t2 = keras.layers.Dense(4, name="t2")(t1)
+    a = keras.layers.Dense(1, name="a")(t2)
+    b = keras.layers.Dense(1, name="b")(t1)
+    with pytest.raises(ValueError, match="not a shared representation"):
+        km.MGDAModel(x, [a, b], shared="t2")
+    with pytest.raises(ValueError, match="names no layer"):
+        km.MGDAModel(x, [a, b], shared="nope")
+
+
+def test_output_without_loss_is_not_a_task():
+    model = _untuned_model()
+    model.compile("sgd", loss={"reg": "mse", "cls": "sparse_categorical_crossentropy"})
+    x, y = _data(64)
+    logs = model.fit(x, {"reg": y["reg"], "cls": y["cls"]}, epochs=1, verbose=0).history
+    assert model.task_names == ["reg", "cls"]
+    assert "bin_alpha" not in logs
+    np.testing.assert_allclose(logs["reg_alpha"][0] + logs["cls_alpha"][0], 1.0, atol=1e-5)
+
+
+def test_compile_without_loss_gets_a_clear_error():
+    model = _untuned_model()
+    model.compile("sgd")
+    x, y = _data(32)
+    with pytest.raises(ValueError, match="no task|without a loss"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_single_task_has_alpha_one():
+    x = keras.Input((3,))
+    z = keras.layers.Dense(4, name="z")(x)
+    out = keras.layers.Dense(1, name="only")(z)
+    model = km.MGDAModel(x, {"only": out}, shared="z")
+    model.compile("sgd", loss={"only": "mse"})
+    rng = np.random.default_rng(0)
+    logs = model.fit(rng.normal(size=(32, 3)), {"only": rng.normal(size=(32, 1))}, verbose=0).history
+    assert logs["only_alpha"] == [pytest.approx(1.0)]
+
+
+def test_mgda_model_rejects_other_weightings():
+    x = keras.Input((3,))
+    z = keras.layers.Dense(4)(x)
+    with pytest.raises(ValueError, match="MultiTaskModel"):
+        km.MGDAModel(x, [keras.layers.Dense(1)(z), keras.layers.Dense(1)(z)], weighting=km.weighting.Uniform())
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="normalization"):
+        km.weighting.MGDA(normalization="l1")
+    with pytest.raises(ValueError, match="mode"):
+        km.weighting.MGDA(mode="weights")
+    with pytest.raises(ValueError, match="head_update"):
+        km.weighting.MGDA(head_update="half")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        _untuned_model(on_nonfinite="ignore")
+
+
+# Bad values during training ----------------------------------------------
+
+
+def _nan_batch():
+    x, y = _data(32)
+    y = dict(y)
+    y["reg"] = y["reg"].copy()
+    y["reg"][3] = np.nan
+    return x, y
+
+
+def test_nan_loss_raises_naming_the_task_and_keeps_weights():
+    model = _compile(_untuned_model())
+    x, y = _data(32)
+    model.fit(x, y, epochs=1, verbose=0)
+    before = model.get_weights()
+    iterations = int(model.optimizer.iterations.numpy())
+    x, y = _nan_batch()
+    with pytest.raises(Exception, match=r"NaN or Inf(.|\n)*reg"):
+        model.train_on_batch(x, y)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(model.optimizer.iterations.numpy()) == iterations
+
+
+def test_nan_loss_skipped_and_counted():
+    model = _compile(_untuned_model(weighting=km.weighting.MGDA(), on_nonfinite="skip"))
+    x, y = _data(32)
+    model.fit(x, y, epochs=1, verbose=0)
+    trainable_before = [v.numpy().copy() for v in model.trainable_variables]
+    iterations = int(model.optimizer.iterations.numpy())
+    x, y = _nan_batch()
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["skipped_steps"] == 1.0
+    for a, v in zip(trainable_before, model.trainable_variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    assert int(model.optimizer.iterations.numpy()) == iterations
+    x, y = _data(32)
+    logs = model.fit(x, y, epochs=1, verbose=0).history
+    assert logs["skipped_steps"] == [0.0]
+    assert np.isfinite(logs["reg_alpha"][0])
+
+
+def test_task_with_zero_gradient_does_not_freeze_the_trunk():
+    model = _compile(_untuned_model(weighting=km.weighting.MGDA(normalization="none")))
+    x, y = _data(32)
+    model.fit(x, y, epochs=1, verbose=0)
+    before = model.get_layer("shared").get_weights()[0].copy()
+    sample_weight = {
+        "reg": np.zeros(32, "float32"),
+        "cls": np.ones(32, "float32"),
+        "bin": np.ones(32, "float32"),
+    }
+    logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
+    assert logs["reg_alpha"] == 0.0
+    assert logs["cls_alpha"] + logs["bin_alpha"] == pytest.approx(1.0)
+    assert not np.allclose(before, model.get_layer("shared").get_weights()[0])
+
+
+# A toy problem with conflicting tasks -------------------------------------
+
+
+def test_conflicting_tasks_reach_a_pareto_stationary_point():
+    """Two tasks pull a shared 2-vector theta towards different targets; the
+    Pareto set is the segment between them. MGDA must stop on it, where the
+    min-norm point of the gradients is 0."""
+    target_a = np.array([[1.0, 0.0]], "float32")
+    target_b = np.array([[0.0, 1.0]], "float32")
+    x = keras.Input((1,))
+    theta = keras.layers.Dense(2, use_bias=False, name="theta")(x)
+    a = keras.layers.Identity(name="a")(theta)
+    b = keras.layers.Identity(name="b")(theta)
+    model = km.MGDAModel(x, {"a": a, "b": b}, normalization="none", shared="theta")
+    model.get_layer("theta").set_weights([np.array([[3.0, -2.0]], "float32")])
+    model.compile(keras.optimizers.SGD(0.1), loss={"a": "mse", "b": "mse"})
+    ones = np.ones((8, 1), "float32")
+    model.fit(ones, {"a": np.repeat(target_a, 8, 0), "b": np.repeat(target_b, 8, 0)},
+              epochs=150, batch_size=8, verbose=0)
+    final = model.get_layer("theta").get_weights()[0][0]
+    # On the segment {t * a + (1 - t) * b, 0 <= t <= 1}.
+    assert final.sum() == pytest.approx(1.0, abs=1e-3)
+    assert np.all(final >= -1e-3) and np.all(final <= 1 + 1e-3)
+    # Pareto stationary: gradients 2(theta - a)/2 and 2(theta - b)/2 have a
+    # convex combination of (near) zero norm.
+    ga, gb = final - target_a[0], final - target_b[0]
+    gram = np.array([[ga @ ga, ga @ gb], [gb @ ga, gb @ gb]])
+    alpha = km.solvers.min_norm(gram.astype("float64"))
+    assert float(np.asarray(alpha) @ gram @ np.asarray(alpha)) < 1e-6
