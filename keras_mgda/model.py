@@ -44,6 +44,12 @@ class _Parts:
         self.skipped_tracker = None
         self.compile_loss = None
         self.logging_task_weights = False
+        self.nonfinite_task = None
+
+    def record_nonfinite(self, step_ok, bad_task):
+        """Host callback of jitted steps: remembers a non-finite task."""
+        if not bool(step_ok):
+            self.nonfinite_task = int(bad_task)
 
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
@@ -267,6 +273,14 @@ class MultiTaskModel(keras.Model):
 
     def train_step(self, *args, **kwargs):
         return mtl_backend.train_step(self, *args, **kwargs)
+
+    def make_train_function(self, force=False):
+        previous = self.train_function
+        super().make_train_function(force=force)
+        if self.train_function is not previous:
+            self.train_function = mtl_backend.wrap_train_function(
+                self, self.train_function
+            )
 
     def get_config(self):
         config = super().get_config()

@@ -18,9 +18,15 @@ def float64():
     """Runs the model in float64, so that what is compared is the algorithm
     and not float32 rounding (float32 is checked separately)."""
     previous = keras.config.floatx()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
     keras.config.set_floatx("float64")
     yield
     keras.config.set_floatx(previous)
+    if keras.backend.backend() == "jax":
+        jax.config.update("jax_enable_x64", False)
 
 
 def _build(weighting, seed=0, loss_weights=None):

@@ -1,0 +1,192 @@
+"""The multi-task train step on JAX: stateless and jitted.
+
+The encoder and the heads each run once inside a `StatelessScope`; their
+`jax.vjp`s give the per-task gradients with respect to Z (`vmap` over
+one-hot cotangents, heads only) and then one encoder backward with the
+cotangent sum_t w_t dL_t/dZ. Non-trainable state (BatchNorm statistics,
+dropout seeds) flows from the encoder call into the heads call.
+
+Under `keras.distribution.DataParallel` the step is jitted over global
+arrays, so the Gram matrix is already the global one: no `psum` is needed.
+
+A non-finite step never changes the state (it is selected away inside the
+jitted step). With `on_nonfinite="raise"` the wrapped train function then
+puts the unchanged state back on the model's variables (Keras's JAX `fit`
+keeps them detached during an epoch) and raises, naming the task.
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+from keras import ops
+
+from keras_mgda import step
+
+
+def _scoped(mapping, fn):
+    """Runs fn() with the variables mapped to the given values; returns its
+    output and the scope (to read updated values back)."""
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        out = fn()
+    return out, scope
+
+
+def _updated(scope, variables, values):
+    new = []
+    for v, old in zip(variables, values):
+        current = scope.get_current_value(v)
+        new.append(old if current is None else current)
+    return new
+
+
+def _select(ok, new, old):
+    return [jnp.where(ok, n, o) for n, o in zip(new, old)]
+
+
+def train_step(model, state, data):
+    trainable_values, non_trainable_values, optimizer_values, metrics_values = state
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    model._ensure_tasks(data)
+    optimizer = model.optimizer
+    weighting = model.weighting
+    trainable = model.trainable_variables
+    non_trainable = model.non_trainable_variables
+    metrics = model.metrics_variables
+    needs_gram = weighting.requires_gram
+    num_tasks = len(model.task_names)
+
+    optimizer_mapping = list(zip(optimizer.variables, optimizer_values))
+    with keras.StatelessScope(state_mapping=optimizer_mapping):
+        loss_scale = ops.convert_to_tensor(optimizer.scale_loss(1.0), "float32")
+
+    def encoder_fn(tv):
+        mapping = list(zip(trainable, tv)) + list(zip(non_trainable, non_trainable_values))
+        z, scope = _scoped(mapping, lambda: model.encoder(x, training=True))
+        return z, _updated(scope, non_trainable, non_trainable_values)
+
+    def heads_fn(z, tv, ntv):
+        mapping = (
+            list(zip(trainable, tv))
+            + list(zip(non_trainable, ntv))
+            + list(zip(metrics, metrics_values))
+        )
+
+        def run():
+            y_pred = model.heads(z, training=True)
+            loss = model._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            task_losses = model._task_losses()
+            extra = model._additional_loss()
+            if extra is None:
+                extra = jnp.zeros((), task_losses.dtype)
+            return y_pred, loss, task_losses, extra
+
+        (y_pred, loss, task_losses, extra), scope = _scoped(mapping, run)
+        new_ntv = _updated(scope, non_trainable, ntv)
+        new_metrics = _updated(scope, metrics, metrics_values)
+        return (task_losses, extra), (y_pred, loss, new_ntv, new_metrics)
+
+    z, encoder_vjp, ntv = jax.vjp(encoder_fn, trainable_values, has_aux=True)
+
+    if needs_gram:
+        (task_losses, extra), heads_vjp, aux = jax.vjp(
+            lambda z, tv: heads_fn(z, tv, ntv), z, trainable_values, has_aux=True
+        )
+        zeros_extra = jnp.zeros_like(extra)
+        one_hot = jnp.eye(num_tasks, dtype=task_losses.dtype) * loss_scale.astype(task_losses.dtype)
+        # One backward through the heads per task, vectorised; the unused
+        # parameter gradients are removed by XLA.
+        per_task_z = jax.vmap(lambda c: heads_vjp((c, zeros_extra))[0])(one_hot)
+        if weighting.gradient_space == "parameters":
+            per_task_params = jax.vmap(lambda g: encoder_vjp(g)[0])(per_task_z)
+            jacobians = [g for g in per_task_params]
+        else:
+            jacobians = [per_task_z]
+        gram = step.gram_from_jacobians(jacobians, loss_scale)
+        weights = jax.lax.stop_gradient(
+            weighting(task_losses.astype("float32"), gram)
+        )
+        head_weights = weighting.head_weights(weights)
+        scale = loss_scale.astype(task_losses.dtype)
+        _, head_grads = heads_vjp((head_weights.astype(task_losses.dtype) * scale, scale))
+        (encoder_grads,) = encoder_vjp(step.combine(weights, per_task_z))
+        grads = [
+            h if e is None else (e if h is None else h + e)
+            for h, e in zip(head_grads, encoder_grads)
+        ]
+    else:
+        gram = None
+
+        def objective(tv):
+            z_local, ntv_local = encoder_fn(tv)
+            (task_losses, extra), aux = heads_fn(z_local, tv, ntv_local)
+            weights = weighting(task_losses)
+            total = (ops.sum(weights * task_losses) + extra) * loss_scale.astype(task_losses.dtype)
+            return total, (task_losses, weights, aux)
+
+        (_, (task_losses, weights, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+            trainable_values
+        )
+    y_pred, loss, ntv, metrics_after_loss = aux
+
+    per_task_ok = step.task_finite(task_losses, gram)
+    logged_ok = jnp.logical_and(jnp.all(per_task_ok), step.weights_finite(weights))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        step_ok = jnp.all(step.task_finite(task_losses, None))
+    else:
+        step_ok = logged_ok
+
+    new_trainable, new_optimizer = optimizer.stateless_apply(optimizer_values, grads, trainable_values)
+    new_trainable = _select(step_ok, new_trainable, trainable_values)
+    new_optimizer = _select(step_ok, new_optimizer, optimizer_values)
+    new_non_trainable = _select(step_ok, ntv, non_trainable_values)
+
+    # Metrics: Keras's loss tracker, compiled metrics, task weights.
+    mapping = list(zip(metrics, metrics_after_loss))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
+        model._update_task_trackers(weights, logged_ok)
+        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    updated_metrics = _updated(scope, metrics, metrics_after_loss)
+    skipped_ids = {id(v) for v in model._parts.skipped_tracker.variables}
+    kept_metrics = [
+        new if id(v) in skipped_ids else jnp.where(step_ok, new, old)
+        for v, new, old in zip(metrics, updated_metrics, metrics_values)
+    ]
+    with keras.StatelessScope(state_mapping=list(zip(metrics, kept_metrics))) as scope:
+        logs = model._train_logs(step_ok)
+    new_metrics = _updated(scope, metrics, kept_metrics)
+
+    if model.on_nonfinite == "raise":
+        bad_task = jnp.argmin(per_task_ok.astype("int32"))
+        jax.debug.callback(model._parts.record_nonfinite, step_ok, bad_task)
+
+    return logs, (new_trainable, new_non_trainable, new_optimizer, new_metrics)
+
+
+def wrap_train_function(model, train_function):
+    """Raises after a non-finite step, once the unchanged state is back on
+    the model's variables (with `on_nonfinite="raise"`)."""
+    if model.on_nonfinite != "raise":
+        return train_function
+
+    def checked(state, data):
+        model._parts.nonfinite_task = None
+        logs, new_state = train_function(state, data)
+        jax.block_until_ready(new_state)
+        bad = model._parts.nonfinite_task
+        if bad is not None:
+            trainable, non_trainable, optimizer_values, metrics_values = new_state
+            model._jax_state = {
+                "trainable_variables": trainable,
+                "non_trainable_variables": non_trainable,
+                "optimizer_variables": optimizer_values,
+                "metrics_variables": metrics_values,
+            }
+            model._jax_state_synced = False
+            model.jax_state_sync()
+            raise FloatingPointError(f"{model.nonfinite_message()} {model.task_names[bad]}")
+        return logs, new_state
+
+    return checked
