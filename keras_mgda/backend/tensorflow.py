@@ -110,9 +110,10 @@ def train_step(model, data):
         if not in_parameters:
             jacobians = [jacobians]
         gram = _all_reduce_sum(step.gram_from_jacobians(jacobians, loss_scale))
-        weights = tf.stop_gradient(
-            weighting(ops.cast(task_losses, "float32"), gram)
-        )
+        # Each replica's losses are its local means pre-scaled by 1/R, so
+        # their sum is the global mean: every replica weighs the same tasks.
+        global_losses = _all_reduce_sum(ops.cast(task_losses, "float32"))
+        weights = tf.stop_gradient(weighting(global_losses, gram))
         head_weights = weighting.head_weights(weights)
         if in_parameters:
             encoder_ids = {id(v) for v in encoder.trainable_variables}
