@@ -45,6 +45,16 @@ class _Parts:
         self.compile_loss = None
         self.logging_task_weights = False
         self.nonfinite_task = None
+        self._nonfinite_flag = None
+
+    def nonfinite_flag(self):
+        """An int variable a compiled step sets to the index of a task whose
+        loss or gradient was not finite (-1 when all were)."""
+        if self._nonfinite_flag is None:
+            self._nonfinite_flag = keras.Variable(
+                -1, dtype="int32", trainable=False, name="nonfinite_task"
+            )
+        return self._nonfinite_flag
 
     def record_nonfinite(self, step_ok, bad_task):
         """Host callback of jitted steps: remembers a non-finite task."""

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
         b = keras.layers.Dense(3, name="b")(z)
         c = keras.layers.Dense(1, name="c")(z)
         model = km.MultiTaskModel(x, {"a": a, "b": b, "c": c},
-                                  weighting=km.weighting.MGDA(normalization=sys.argv[2]))
+                                  weighting=km.weighting.MGDA(normalization=sys.argv[2], mode=sys.argv[3]))
         for layer in model.layers:
             if layer.weights:
                 layer.set_weights([rng.normal(scale=0.7, size=w.shape).astype("float32")
@@ -79,7 +79,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(replicas, normalization, tmp_path):
+def _run(replicas, normalization, mode, tmp_path):
     env = dict(os.environ)
     backend = keras.backend.backend()
     if backend == "jax":
@@ -87,7 +87,7 @@ def _run(replicas, normalization, tmp_path):
     script = tmp_path / "multi_device.py"
     script.write_text(SCRIPT)
     done = subprocess.run(
-        [sys.executable, str(script), str(replicas), normalization],
+        [sys.executable, str(script), str(replicas), normalization, mode],
         env=env, capture_output=True, text=True, timeout=300,
     )
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
@@ -99,10 +99,12 @@ def _run(replicas, normalization, tmp_path):
     keras.backend.backend() not in ("tensorflow", "jax"),
     reason="tf.distribute / keras.distribution (torch: tests/test_torch_distributed.py)",
 )
-@pytest.mark.parametrize("normalization", ["loss+", "none"])
-def test_two_replicas_solve_the_global_problem(normalization, tmp_path):
-    one = _run(1, normalization, tmp_path)
-    two = _run(2, normalization, tmp_path)
+@pytest.mark.parametrize(
+    "normalization,mode", [("loss+", "representation"), ("none", "parameters")]
+)
+def test_two_replicas_solve_the_global_problem(normalization, mode, tmp_path):
+    one = _run(1, normalization, mode, tmp_path)
+    two = _run(2, normalization, mode, tmp_path)
     np.testing.assert_allclose(two["alpha"], one["alpha"], atol=1e-5)
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
     for start, w2, w1 in zip(one["initial"], two["weights"], one["weights"]):

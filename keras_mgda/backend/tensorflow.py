@@ -109,7 +109,15 @@ def train_step(model, data):
         jacobians = _jacobian(tape, scaled_losses, sources)
         if not in_parameters:
             jacobians = [jacobians]
-        gram = _all_reduce_sum(step.gram_from_jacobians(jacobians, loss_scale))
+        if in_parameters:
+            # The global gradient of a shared weight is the sum of the
+            # replicas' (pre-scaled) gradients: reduce before the products.
+            gram = step.gram_from_jacobians(
+                [_all_reduce_sum(j) for j in jacobians], loss_scale
+            )
+        else:
+            # Replicas hold disjoint slices of Z: the Gram matrix adds up.
+            gram = _all_reduce_sum(step.gram_from_jacobians(jacobians, loss_scale))
         # Each replica's losses are its local means pre-scaled by 1/R, so
         # their sum is the global mean: every replica weighs the same tasks.
         global_losses = _all_reduce_sum(ops.cast(task_losses, "float32"))
@@ -164,22 +172,47 @@ def train_step(model, data):
         step_ok = logged_ok
     step_ok = _all_reduce_sum(ops.cast(ops.logical_not(step_ok), "int32")) == 0
 
-    if model.on_nonfinite == "raise":
+    bad_task = ops.argmin(ops.cast(per_task_ok, "int32"))
+    if model.on_nonfinite == "raise" and not model.jit_compile:
         step.restore_unless(step_ok, protected, saved)
-        bad_task = tf.gather(
-            tf.constant(model.task_names),
-            tf.argmin(tf.cast(per_task_ok, tf.int32)),
-        )
         check = tf.debugging.Assert(
-            step_ok, [model.nonfinite_message(), bad_task], summarize=1
+            step_ok,
+            [model.nonfinite_message(), tf.gather(tf.constant(model.task_names), bad_task)],
+            summarize=1,
         )
         with tf.control_dependencies([check]):
             grads = [None if g is None else tf.identity(g) for g in grads]
             optimizer.apply_gradients(zip(grads, trainable))
     else:
+        # XLA compiles neither Assert nor string ops: skip the step here and
+        # let the wrapped train function raise (see wrap_train_function).
         _apply_if(step_ok, optimizer, grads, trainable)
+        if model.on_nonfinite == "raise":
+            model._parts.nonfinite_flag().assign(
+                ops.where(step_ok, -1, ops.cast(bad_task, "int32"))
+            )
 
     model._update_task_trackers(weights, logged_ok)
     model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     step.restore_unless(step_ok, protected, saved)
     return model._train_logs(step_ok)
+
+
+def wrap_train_function(model, train_function):
+    """Under XLA, raises after a non-finite step (whose updates were skipped
+    inside the step), naming the task."""
+    if model.on_nonfinite != "raise" or not model.jit_compile:
+        return train_function
+
+    def checked(iterator):
+        flag = model._parts.nonfinite_flag()
+        flag.assign(-1)
+        logs = train_function(iterator)
+        bad = int(flag.numpy())
+        if bad >= 0:
+            raise FloatingPointError(
+                f"{model.nonfinite_message()} {model.task_names[bad]}"
+            )
+        return logs
+
+    return checked

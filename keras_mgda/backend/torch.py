@@ -1,0 +1,286 @@
+"""The multi-task train step on PyTorch (torch.autograd, torch.distributed).
+
+The step runs eagerly, like Keras's own torch trainer
+(`keras/src/backend/torch/trainer.py`): forward once, per-task gradients
+with respect to the shared representation Z through the heads only (one
+vectorised backward, `torch.autograd.grad(..., is_grads_batched=True)`,
+with a per-task loop when an op has no batching rule), the task weights
+from the float32 Gram matrix, then ONE backward into the variables'
+`.grad` (zeroed first, as Keras does) and `optimizer.apply` under
+`torch.no_grad()`.
+
+In `mode="parameters"` the per-task gradients of the shared weights are
+the vector-Jacobian products of Z with the per-task gradients G_t = dL_t/dZ
+(chain rule, vectorised the same way), so the heads are differentiated
+once and the final backward is the same as in the representation mode.
+
+Multi-process data parallelism (`torch.distributed`):
+    Keras's torch trainer does not synchronise anything across processes.
+    When a process group with more than one process is initialised, this
+    step does what DistributedDataParallel would do and more, so that
+    `model.fit` run in every process (each on its shard of the data) trains
+    one model:
+
+    - the global problem is the mean over processes of the per-process
+      losses (each a mean over its local batch, as Keras computes it; with
+      equal local batch sizes this is the loss of the global batch);
+    - every process solves that same problem: the task losses are averaged
+      across processes, and so is the Gram matrix of the global gradients
+      (representation mode: the sum of the local Gram matrices divided by
+      R^2, since dL/dZ of the global loss is 1/R times the local one on
+      each process's rows of Z; parameters mode: the Gram matrix of the
+      per-task gradients averaged across processes);
+    - the gradients are averaged across processes (all-reduce of `.grad`,
+      as DDP does) before the optimizer applies them.
+
+    The models must start from the same weights (broadcast them, or seed
+    the initialisers identically) and every process must take the same
+    code path (the same model and compiled losses). Whether a step is
+    taken, skipped or raises is decided from the all-reduced losses and Gram
+    matrix, so all processes agree. Logged losses and metrics are those of
+    the local process, as with DDP; the logged task weights are global.
+    Do not wrap the model in DistributedDataParallel for `fit`: this step
+    already averages the gradients. In `mode="parameters"` the per-task
+    gradients of the shared weights (T times their size) are all-reduced
+    too, which exact MGDA across processes cannot avoid.
+
+    Every decision that needs a value (raise or skip a non-finite step) is
+    a Python `if` on one boolean, a single device-to-host read per step.
+"""
+
+import keras
+import torch
+import torch.distributed as dist
+from keras import ops
+
+from keras_mgda import step
+
+# Gradients are all-reduced in buckets of at most this many elements.
+_BUCKET_ELEMENTS = 1 << 22
+
+
+def _world_size():
+    """The number of processes training together, or 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_reduce_mean(tensors, world):
+    """Averages detached float tensors across processes with one collective;
+    returns new tensors."""
+    tensors = [t.detach() for t in tensors]
+    if world == 1:
+        return tensors
+    dtype = tensors[0].dtype
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat / world
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def _average_gradients(grads, world):
+    """Averages the gradients across processes in place (as DDP does), in
+    buckets of at most `_BUCKET_ELEMENTS` elements of one dtype."""
+    buckets = {}  # (dtype, device) -> list of [size, [tensors]]
+    for g in grads:
+        if g is None:
+            continue
+        same_kind = buckets.setdefault((g.dtype, g.device), [])
+        if not same_kind or same_kind[-1][0] + g.numel() > _BUCKET_ELEMENTS:
+            same_kind.append([0, []])
+        same_kind[-1][0] += g.numel()
+        same_kind[-1][1].append(g)
+    with torch.no_grad():
+        for same_kind in buckets.values():
+            for _, bucket in same_kind:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat.div_(world)
+                start = 0
+                for g in bucket:
+                    g.copy_(flat[start:start + g.numel()].view_as(g))
+                    start += g.numel()
+
+
+def _batched_vjp(outputs, inputs, cotangents):
+    """Vector-Jacobian products of `outputs` for each of the T stacked
+    `cotangents` (shaped (T, *outputs.shape)): a tuple of (T, *input.shape)
+    tensors, zeros where an input is not reached. The graph is retained."""
+    inputs = list(inputs)
+    try:
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=cotangents,
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+    except (RuntimeError, NotImplementedError, TypeError):
+        # Some ops have no vmap batching rule: one backward per task.
+        per_task = [
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=cotangent,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for cotangent in cotangents
+        ]
+        grads = [
+            None if parts[0] is None else torch.stack(parts)
+            for parts in zip(*per_task)
+        ]
+    num_tasks = cotangents.shape[0]
+    return [
+        torch.zeros((num_tasks,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        if g is None
+        else g
+        for g, x in zip(grads, inputs)
+    ]
+
+
+def train_step(model, data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    model._ensure_tasks(data)
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    weighting = model.weighting
+    encoder, heads = model.encoder, model.heads
+    trainable = model.trainable_variables
+    needs_gram = weighting.requires_gram
+    in_parameters = needs_gram and weighting.gradient_space == "parameters"
+    protected = step.state_to_protect(model)
+    saved = step.snapshot(protected)
+    world = _world_size()
+
+    z = encoder(x, training=True)
+    if needs_gram:
+        # The heads read a detached copy of Z: the encoder is then reached
+        # only through the cotangent we build, once.
+        z_heads = z.detach().requires_grad_(True)
+    else:
+        z_heads = z
+    y_pred = heads(z_heads, training=True)
+    # Clear the gradients left by the previous step, as Keras's torch
+    # trainer does (torch.nn.Module.zero_grad).
+    model.zero_grad()
+    loss = model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
+    task_losses = model._task_losses()
+    extra = model._additional_loss()
+    scaled_losses = optimizer.scale_loss(task_losses)
+    scaled_extra = None if extra is None else optimizer.scale_loss(extra)
+
+    gram = None
+    if needs_gram:
+        num_tasks = scaled_losses.shape[0]
+        eye = torch.eye(
+            num_tasks, dtype=scaled_losses.dtype, device=scaled_losses.device
+        )
+        (jac_z,) = _batched_vjp(scaled_losses, [z_heads], eye)
+        losses32 = task_losses.detach().float()
+        if in_parameters:
+            # dL_t/dW = (dZ/dW)^T G_t, all tasks in one batched backward.
+            encoder_values = [v.value for v in encoder.trainable_variables]
+            jac_w = (
+                _batched_vjp(z, encoder_values, jac_z) if z.requires_grad else []
+            )
+            flat_w = torch.cat(
+                [losses32.new_zeros((num_tasks, 0))]
+                + [j.reshape(num_tasks, -1).float() for j in jac_w],
+                dim=1,
+            )
+            losses32, flat_w = _all_reduce_mean([losses32, flat_w], world)
+            jacobians = [flat_w]
+        else:
+            jacobians = [jac_z]
+        loss_scale = optimizer.scale_loss(torch.ones((), dtype=torch.float32))
+        gram = step.gram_from_jacobians(jacobians, loss_scale)
+        if world > 1 and not in_parameters:
+            # Sum of the local Gram matrices / R^2: the Gram matrix of the
+            # gradients of the mean of the processes' losses.
+            losses32, gram = _all_reduce_mean([losses32, gram], world)
+            gram = gram / world
+        weights = weighting(losses32, gram).detach()
+        head_weights = weighting.head_weights(weights)
+        losses_for_check = losses32
+    else:
+        losses_for_weighting = task_losses
+        if world > 1:
+            (mean_losses,) = _all_reduce_mean([task_losses], world)
+            # The global values, with the local losses' gradient.
+            losses_for_weighting = task_losses + (
+                mean_losses - task_losses.detach()
+            )
+        weights = weighting(losses_for_weighting)
+        losses_for_check = losses_for_weighting.detach()
+
+    # Every flag below is computed from all-reduced values, so all
+    # processes agree without another collective.
+    per_task_ok = step.task_finite(losses_for_check, gram)
+    weights_ok = step.weights_finite(weights.detach())
+    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_ok)
+    losses_ok = ops.all(step.task_finite(losses_for_check, None))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Overflowing scaled gradients are routine here: the loss scale
+        # optimizer skips those steps and lowers the scale itself.
+        step_ok = losses_ok
+    else:
+        step_ok = logged_ok
+    take_step = bool(step_ok)
+
+    if not take_step and model.on_nonfinite == "raise":
+        step.restore_unless(step_ok, protected, saved)
+        bad = [
+            name
+            for name, ok in zip(model.task_names, per_task_ok.tolist())
+            if not ok
+        ]
+        bad_task = bad[0] if bad else model.task_names[0]
+        raise FloatingPointError(f"{model.nonfinite_message()} {bad_task}")
+
+    if take_step:
+        if needs_gram:
+            cotangent = step.combine(weights, jac_z)
+            targets = [z, scaled_losses]
+            output_gradients = [
+                cotangent,
+                head_weights.to(scaled_losses.dtype),
+            ]
+            if scaled_extra is not None:
+                targets.append(scaled_extra)
+                output_gradients.append(torch.ones_like(scaled_extra))
+            pairs = [
+                (t, g) for t, g in zip(targets, output_gradients) if t.requires_grad
+            ]
+            if pairs:
+                torch.autograd.backward(
+                    [t for t, _ in pairs], [g for _, g in pairs]
+                )
+        else:
+            objective = torch.sum(weights * scaled_losses)
+            if scaled_extra is not None:
+                objective = objective + scaled_extra
+            if objective.requires_grad:
+                objective.backward()
+        grads = [v.value.grad for v in trainable]
+        if world > 1:
+            _average_gradients(grads, world)
+        with torch.no_grad():
+            optimizer.apply(grads, trainable)
+
+    weights = weights.detach()
+    model._update_task_trackers(weights, logged_ok)
+    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    step.restore_unless(step_ok, protected, saved)
+    return model._train_logs(step_ok)
