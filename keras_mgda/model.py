@@ -244,17 +244,20 @@ class MultiTaskModel(keras.Model):
         parts.skipped_tracker = keras.metrics.Sum(name="skipped_steps")
         parts.compile_loss = compile_loss
 
-    def _task_losses(self):
+    def _task_loss_list(self):
         """The per-task losses recorded by the last loss computation, with
-        their `loss_weights`, as one (T,) tensor in the loss dtype."""
+        their `loss_weights`: a list of T scalars in the loss dtype, each
+        depending on its own output only (so a backward from one reaches
+        one head)."""
         parts = self._parts
-        values = []
-        for index, weight in enumerate(parts.task_weights):
-            value = keras.ops.cast(
-                parts.recorded[index], self._compile_loss.dtype
-            )
-            values.append(value * weight)
-        return keras.ops.stack(values)
+        return [
+            keras.ops.cast(parts.recorded[index], self._compile_loss.dtype) * weight
+            for index, weight in enumerate(parts.task_weights)
+        ]
+
+    def _task_losses(self):
+        """`_task_loss_list()` stacked into one (T,) tensor."""
+        return keras.ops.stack(self._task_loss_list())
 
     def _additional_loss(self):
         """Regularisation and `add_loss` terms, applied unweighted."""

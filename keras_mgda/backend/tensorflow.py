@@ -21,15 +21,6 @@ def _all_reduce_sum(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-def _jacobian(tape, target, sources):
-    # pfor vectorises the T backward passes; fall back to a loop for ops it
-    # cannot convert.
-    try:
-        return tape.jacobian(target, sources, experimental_use_pfor=True)
-    except (ValueError, NotImplementedError, TypeError):
-        return tape.jacobian(target, sources, experimental_use_pfor=False)
-
-
 def _apply_if(ok, optimizer, grads, variables):
     """Applies the gradients when `ok`; otherwise leaves weights and
     optimizer state untouched."""
@@ -78,84 +69,82 @@ def train_step(model, data):
 
     with tf.GradientTape(persistent=needs_gram) as tape:
         z = encoder(x, training=True)
-        if needs_gram and not in_parameters:
-            # The heads read a detached copy of Z: the encoder is then
-            # reached only through the cotangent we build, once.
-            z_heads = tf.stop_gradient(z)
-            tape.watch(z_heads)
-        else:
-            z_heads = z
-        y_pred = heads(z_heads, training=True)
+        y_pred = heads(z, training=True)
         loss = model._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
         model._loss_tracker.update_state(
             _unscale_for_distribution(loss), sample_weight=step.batch_size(x)
         )
-        task_losses = model._task_losses()
+        task_loss_list = model._task_loss_list()
+        task_losses = ops.stack(task_loss_list)
         extra = model._additional_loss()
-        scaled_losses = optimizer.scale_loss(task_losses)
         scaled_extra = None if extra is None else optimizer.scale_loss(extra)
-        if not needs_gram:
+        if needs_gram:
+            scaled_list = [optimizer.scale_loss(l) for l in task_loss_list]
+        else:
             weights = weighting(task_losses)
-            objective = ops.sum(weights * scaled_losses)
+            objective = ops.sum(weights * optimizer.scale_loss(task_losses))
             if scaled_extra is not None:
                 objective = objective + scaled_extra
 
     gram = None
     if needs_gram:
         loss_scale = optimizer.scale_loss(tf.ones((), dtype="float32"))
-        sources = encoder.trainable_variables if in_parameters else z_heads
-        jacobians = _jacobian(tape, scaled_losses, sources)
-        if not in_parameters:
-            jacobians = [jacobians]
+        encoder_vars = encoder.trainable_variables
+        encoder_ids = {id(v) for v in encoder_vars}
+        head_vars = [v for v in trainable if id(v) not in encoder_ids]
+        # One backward per task through its own head only: TF prunes the
+        # backward to the ops between the sources and that task's loss (a
+        # stacked target, or pfor over one, would run every head's backward
+        # for every task: T^2 head backwards).
+        jac_z, jac_heads = [], []
+        for scaled in scaled_list:
+            grads_t = tape.gradient(scaled, [z] + head_vars)
+            jac_z.append(grads_t[0])
+            jac_heads.append(grads_t[1:])
+        jac_z = tf.stack(jac_z)
         if in_parameters:
+            per_task = [
+                tape.gradient(z, encoder_vars, output_gradients=g_t)
+                for g_t in tf.unstack(jac_z)
+            ]
             # The global gradient of a shared weight is the sum of the
             # replicas' (pre-scaled) gradients: reduce before the products.
-            gram = step.gram_from_jacobians(
-                [_all_reduce_sum(j) for j in jacobians], loss_scale
-            )
+            jacobians = [
+                _all_reduce_sum(tf.stack(per_var))
+                for per_var in zip(*per_task)
+                if per_var[0] is not None
+            ]
+            gram = step.gram_from_jacobians(jacobians, loss_scale)
         else:
             # Replicas hold disjoint slices of Z: the Gram matrix adds up.
-            gram = _all_reduce_sum(step.gram_from_jacobians(jacobians, loss_scale))
+            gram = _all_reduce_sum(step.gram_from_jacobians([jac_z], loss_scale))
         # Each replica's losses are its local means pre-scaled by 1/R, so
         # their sum is the global mean: every replica weighs the same tasks.
         global_losses = _all_reduce_sum(ops.cast(task_losses, "float32"))
         weights = tf.stop_gradient(weighting(global_losses, gram))
         head_weights = weighting.head_weights(weights)
-        if in_parameters:
-            encoder_ids = {id(v) for v in encoder.trainable_variables}
-            others = [v for v in trainable if id(v) not in encoder_ids]
-            by_id = {
-                id(v): step.combine(weights, jac)
-                for v, jac in zip(encoder.trainable_variables, jacobians)
-            }
-            other_grads = tape.gradient(
-                scaled_losses,
-                others,
-                output_gradients=ops.cast(head_weights, scaled_losses.dtype),
-            )
-            by_id.update((id(v), g) for v, g in zip(others, other_grads))
-            grads = [by_id[id(v)] for v in trainable]
-            if scaled_extra is not None:
-                extra_grads = tape.gradient(scaled_extra, trainable)
-                grads = [
-                    g if e is None else (e if g is None else g + e)
-                    for g, e in zip(grads, extra_grads)
-                ]
-        else:
-            cotangent = step.combine(weights, jacobians[0])
-            targets = [z, scaled_losses]
-            output_gradients = [
-                cotangent,
-                ops.cast(head_weights, scaled_losses.dtype),
+
+        # The encoder's one backward, with the cotangent sum_t w_t dL_t/dZ.
+        encoder_grads = tape.gradient(
+            z, encoder_vars, output_gradients=step.combine(weights, jac_z)
+        )
+        grads_by_id = dict(zip(map(id, encoder_vars), encoder_grads))
+        for index, v in enumerate(head_vars):
+            parts = [
+                ops.cast(head_weights[t], g[index].dtype) * g[index]
+                for t, g in enumerate(jac_heads)
+                if g[index] is not None
             ]
-            if scaled_extra is not None:
-                targets.append(scaled_extra)
-                output_gradients.append(tf.ones_like(scaled_extra))
-            grads = tape.gradient(
-                targets, trainable, output_gradients=output_gradients
-            )
+            grads_by_id[id(v)] = ops.sum(ops.stack(parts), axis=0) if parts else None
+        grads = [grads_by_id[id(v)] for v in trainable]
+        if scaled_extra is not None:
+            extra_grads = tape.gradient(scaled_extra, trainable)
+            grads = [
+                g if e is None else (e if g is None else g + e)
+                for g, e in zip(grads, extra_grads)
+            ]
     else:
         grads = tape.gradient(objective, trainable)
     del tape

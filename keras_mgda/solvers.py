@@ -1,0 +1,387 @@
+"""Min-norm solvers for MGDA (Sener & Koltun, NeurIPS 2018).
+
+The core problem: given the Gram matrix M = G G^T of T task gradients, find
+
+    alpha = argmin_{a >= 0, sum(a) = 1}  a^T M a,
+
+the weights of the minimum-norm point of the convex hull of the gradients.
+
+The paper solves it with plain Frank-Wolfe, which stalls with relative
+objective gaps of 1e-3 and worse. `min_norm` solves it to working precision:
+
+1. Rescale M by a power of two near its largest diagonal (lossless), so the
+   tolerances are relative and gram and c * gram give the same weights.
+2. Start from the best pair: the closed-form two-task solution, vectorised
+   over all pairs (including each task alone).
+3. Pairwise Frank-Wolfe with exact line search (mass moves from the worst
+   task in the support to the best task overall), until the duality gap
+   falls below `tol`. This finds the support cheaply.
+4. Polish: a few rounds of a primal-dual active-set method, each solving the
+   KKT system on the current support exactly (one linear solve, with a tiny
+   proximal ridge so that identical or collinear gradients stay solvable;
+   the proximal term vanishes at convergence) and then adding violated
+   tasks / dropping negative weights. The best candidate is kept.
+
+Everything is written with `keras.ops`, so it runs on TensorFlow, JAX and
+PyTorch, inside `tf.function` and `jax.jit`: loops have fixed shapes and an
+iteration cap, and there is no Python branching on tensor values.
+"""
+
+import numpy as np
+from keras import backend
+from keras import ops
+
+NORMALIZATIONS = ("l2", "loss", "loss+", "none")
+
+# Frank-Wolfe only has to find roughly the right support (each step changes
+# it by at most one task), the polish does the fine work: so by default T
+# steps and a loose duality-gap tolerance, relative to the largest M_ii.
+DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
+# A task joins the free set when it is below the current point by more than
+# JOIN_NOISE times the rounding noise of (M a)_j; lower values chase noise on
+# inexact Gram matrices.
+JOIN_NOISE = 16.0
+
+
+def _float_dtype(x):
+    dtype = backend.standardize_dtype(x.dtype)
+    if "float" not in dtype:
+        dtype = backend.floatx()
+    return dtype
+
+
+def _const(value, like):
+    # Typed constant: keras' torch backend turns maximum(float64, 0.0) into
+    # float32, so never mix Python scalars into maximum / minimum.
+    return ops.cast(value, _float_dtype(like))
+
+
+def _matvec(matrix, vector):
+    return ops.einsum("...ij,...j->...i", matrix, vector)
+
+
+def _dot(x, y):
+    return ops.sum(x * y, axis=-1)
+
+
+def _power_of_two_below(x):
+    """2**floor(log2(x)) for x > 0: dividing by it is exact."""
+    return ops.power(ops.cast(2.0, x.dtype), ops.floor(ops.log2(x)))
+
+
+def _best_pair(gram, pair_mask):
+    """Best two-task solution over all pairs (i, j), i == j meaning task i.
+
+    On the segment between g_i and g_j, the weight on g_i that minimises the
+    norm is clip((M_jj - M_ij) / |g_i - g_j|^2, 0, 1).
+    """
+    num_tasks = gram.shape[-1]
+    diag = ops.diagonal(gram, axis1=-2, axis2=-1)
+    d_i = diag[..., :, None]
+    d_j = diag[..., None, :]
+    spread = d_i + d_j - 2.0 * gram  # |g_i - g_j|^2
+    safe_spread = ops.where(spread > 0, spread, ops.ones_like(spread))
+    weight_i = ops.where(spread > 0, ops.clip((d_j - gram) / safe_spread, 0.0, 1.0), 1.0)
+    value = (
+        weight_i * weight_i * d_i
+        + 2.0 * weight_i * (1.0 - weight_i) * gram
+        + (1.0 - weight_i) * (1.0 - weight_i) * d_j
+    )
+    value = ops.where(pair_mask, value, np.inf)
+    best_j = ops.argmin(value, axis=-1)  # (..., T): best partner of each i
+    best_i = ops.argmin(ops.min(value, axis=-1), axis=-1)  # (...,)
+    best_j = ops.take_along_axis(best_j, best_i[..., None], axis=-1)[..., 0]
+    one_i = ops.one_hot(best_i, num_tasks, dtype=_float_dtype(gram))
+    one_j = ops.one_hot(best_j, num_tasks, dtype=_float_dtype(gram))
+    w = _dot(_matvec(weight_i, one_j), one_i)[..., None]
+    return w * one_i + (1.0 - w) * one_j
+
+
+def _frank_wolfe(gram, mask, weights, max_iters, tol):
+    """Pairwise Frank-Wolfe with exact line search, incremental M @ a.
+
+    Each step moves weight from the support task with the largest (M a)_i
+    to the task with the smallest, by the exact minimiser along that line.
+    Stops when (M a)_max_support - (M a)_min <= tol (a duality-gap bound).
+    """
+    num_tasks = gram.shape[-1]
+    dtype = _float_dtype(gram)
+    tiny = _const(np.finfo(dtype).tiny, gram)
+
+    def pair(weights, gram_weights):
+        toward = ops.where(mask, gram_weights, np.inf)
+        away = ops.where(weights > 0, gram_weights, -np.inf)
+        gap = ops.max(away, axis=-1) - ops.min(toward, axis=-1)
+        return ops.argmin(toward, axis=-1), ops.argmax(away, axis=-1), gap > tol
+
+    def cond(weights, gram_weights, active):
+        return ops.any(active)
+
+    def body(weights, gram_weights, active):
+        toward, away, _ = pair(weights, gram_weights)
+        one_toward = ops.one_hot(toward, num_tasks, dtype=dtype)
+        one_away = ops.one_hot(away, num_tasks, dtype=dtype)
+        direction = one_toward - one_away
+        gram_direction = _matvec(gram, direction)
+        slope = -_dot(gram_weights, direction)
+        curvature = ops.maximum(_dot(gram_direction, direction), tiny)
+        step = ops.minimum(slope / curvature, _dot(weights, one_away))
+        step = ops.where(active, step, 0.0)[..., None]
+        weights = weights + step * direction
+        # Drop the away task exactly when the step empties it.
+        weights = ops.where((one_away > 0) & (weights <= 0), 0.0, weights)
+        gram_weights = gram_weights + step * gram_direction
+        _, _, next_active = pair(weights, gram_weights)
+        return weights, gram_weights, active & next_active
+
+    gram_weights = _matvec(gram, weights)
+    active = pair(weights, gram_weights)[2]
+    weights, _, _ = ops.while_loop(
+        cond, body, (weights, gram_weights, active), maximum_iterations=max_iters
+    )
+    return weights
+
+
+def _polish(gram, mask, weights, max_rounds):
+    """Primal active-set method with exact (proximal) KKT solves.
+
+    Each round solves  min a^T M a + delta * sum_i M_ii (a_i - a_prev_i)^2
+    over {sum(a) = 1, a_i = 0 off the free set} exactly. The proximal term
+    keeps the system non-singular for identical or collinear gradients and
+    vanishes at convergence (a = a_prev), so the limit is the exact optimum.
+    If the solution leaves the simplex we step towards it as far as
+    feasible and drop the blocking task; once feasible, the most violated
+    KKT condition (the task furthest below the current point) joins.
+    """
+    num_tasks = gram.shape[-1]
+    dtype = _float_dtype(gram)
+    eps = float(np.finfo(dtype).eps)
+    diag = ops.diagonal(gram, axis1=-2, axis2=-1)
+    # Relative to each task's own scale, so tiny gradients next to huge ones
+    # are still resolved (floored well above underflow).
+    floor = float(np.finfo(dtype).tiny / eps)
+    ridge = float(np.sqrt(eps)) * ops.where(diag > 0, ops.maximum(diag, _const(floor, gram)), 1.0)
+    eye = ops.eye(num_tasks, dtype=dtype)
+    abs_gram = ops.abs(gram)
+
+    def cond(weights, free, done):
+        return ~ops.all(done)
+
+    def body(weights, free, done):
+        # KKT system [[M_FF + delta R, 1], [1^T, 0]] [a; -lambda] = [delta R a_prev; 1],
+        # identity rows off the free set. Bordered rather than eliminated: the
+        # solution stays O(1) even when M_FF is singular, so it is accurate.
+        free_f = ops.cast(free, dtype)
+        system = gram * free_f[..., :, None] * free_f[..., None, :]
+        system = system + eye * ops.where(free, ridge, 1.0)[..., None]
+        system = ops.concatenate([system, free_f[..., :, None]], axis=-1)
+        border = ops.concatenate([free_f, ops.zeros_like(free_f[..., :1])], axis=-1)
+        system = ops.concatenate([system, border[..., None, :]], axis=-2)
+        rhs = ops.concatenate([ridge * weights * free_f, ops.ones_like(free_f[..., :1])], axis=-1)
+        target = ops.solve(system, rhs[..., None])[..., :num_tasks, 0]
+
+        # Ratio test: the largest step towards the target that stays >= 0.
+        blocking = free & (target < 0)
+        ratio = ops.where(blocking, weights / ops.where(blocking, weights - target, 1.0), 1.0)
+        step = ops.min(ratio, axis=-1, keepdims=True)
+        moved = weights + step * (target - weights)
+        dropped = blocking & (ratio <= step)
+        moved = ops.where(dropped | (moved < 0), 0.0, moved)
+        moved = moved / ops.sum(moved, axis=-1, keepdims=True)
+        feasible = ~ops.any(blocking, axis=-1)
+        # A failed solve (underflow, non-PSD input) ends polishing there.
+        failed = ~ops.all(ops.isfinite(moved), axis=-1)
+        moved = ops.where(failed[..., None], weights, moved)
+        proximal_force = ridge * ops.abs(moved - weights)
+
+        # KKT check at the new point: every task outside the free set must
+        # not be below it, (M a)_j >= a^T M a, up to rounding noise.
+        gram_moved = _matvec(gram, moved)
+        value = _dot(moved, gram_moved)
+        noise = eps * (_matvec(abs_gram, moved) + _dot(moved, _matvec(abs_gram, moved))[..., None])
+        kept = free & ~dropped
+        violation = ops.where(mask & ~kept, gram_moved - value[..., None] + JOIN_NOISE * noise, np.inf)
+        joining = (violation < 0) & feasible[..., None]
+        next_free = kept | joining
+        # Converged: feasible, no violation, and the proximal term's pull is
+        # below rounding noise (so the KKT conditions hold to working precision).
+        settled = ops.all(proximal_force <= noise, axis=-1)
+        now_done = (feasible & ~ops.any(joining, axis=-1) & settled) | failed
+
+        keep = done[..., None]
+        weights = ops.where(keep, weights, moved)
+        free = ops.where(keep, free, next_free)
+        return weights, free, done | now_done
+
+    free = weights > 0
+    done = ops.zeros_like(weights[..., 0], dtype="bool")
+    weights, _, _ = ops.while_loop(
+        cond, body, (weights, free, done), maximum_iterations=max_rounds
+    )
+    return weights
+
+
+def min_norm(gram, mask=None, max_iters=None, tol=None):
+    """Minimum-norm point of the convex hull of T task gradients.
+
+    Solves `min a^T M a` over the probability simplex {a >= 0, sum(a) = 1}
+    for the Gram matrix `M = G G^T` of the task gradients G, batched over
+    leading dimensions, to working precision: best pair, then pairwise
+    Frank-Wolfe, then an exact active-set polish (see the module docstring).
+
+    Args:
+        gram: (..., T, T) symmetric positive semi-definite Gram matrix, with
+            a static T. float32 or float64; the computation stays in that
+            dtype (float16 / bfloat16 are solved in float32).
+        mask: optional boolean (..., T). Tasks with mask False are left out
+            of the problem and get weight exactly 0. If every task of a batch
+            element is masked out, its weights are uniform, 1 / T.
+        max_iters: cap on Frank-Wolfe steps before the polish (default T).
+            Only speed depends on it, not the accuracy of the result.
+        tol: Frank-Wolfe duality-gap tolerance, relative to the largest
+            squared gradient norm (default 1e-5 in float32, 1e-8 in float64).
+
+    Returns:
+        alpha: (..., T) weights, >= 0 and summing to 1, in the dtype of
+        `gram`. Scale invariant: `gram` and `c * gram` give the same weights.
+        A batch element whose gram contains NaN or Inf gets all-NaN weights
+        (the loops are capped, so it never hangs); callers can test for it.
+
+    Example:
+
+    ```python
+    g = np.array([[1.0, 0.0], [0.0, 2.0]])  # two task gradients
+    alpha = keras_mgda.solvers.min_norm(g @ g.T)  # [0.8, 0.2]
+    ```
+    """
+    gram = ops.convert_to_tensor(gram)
+    dtype = _float_dtype(gram)
+    compute_dtype = dtype if dtype in ("float32", "float64") else "float32"
+    gram = ops.cast(gram, compute_dtype)
+    num_tasks = gram.shape[-1]
+    if num_tasks is None or gram.shape[-2] != num_tasks:
+        raise ValueError(f"gram must have a static (..., T, T) shape, got {gram.shape}")
+    max_iters = num_tasks if max_iters is None else int(max_iters)
+    tol = DEFAULT_TOL[compute_dtype] if tol is None else float(tol)
+
+    finite = ops.all(ops.isfinite(gram), axis=(-2, -1))
+    diag = ops.diagonal(gram, axis1=-2, axis2=-1)
+    mask = ops.ones_like(diag, dtype="bool") if mask is None else ops.cast(mask, "bool")
+    mask = mask & ops.ones_like(diag, dtype="bool")  # broadcast to (..., T)
+    any_active = ops.any(mask, axis=-1)
+    # All masked out: solve the unmasked problem, replaced by uniform below.
+    mask = mask | ~any_active[..., None]
+    pair_mask = mask[..., :, None] & mask[..., None, :]
+
+    # Keep non-finite and masked entries out of the arithmetic.
+    gram = ops.where(finite[..., None, None], gram, ops.eye(num_tasks, dtype=compute_dtype))
+    gram = ops.where(pair_mask, gram, 0.0)
+    largest = ops.max(ops.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
+    largest = ops.where(largest > 0, largest, 1.0)
+    gram = gram / _power_of_two_below(largest)[..., None, None]
+
+    if num_tasks == 1:
+        weights = ops.ones_like(gram[..., 0])
+    else:
+        weights = _best_pair(gram, pair_mask)
+    if num_tasks > 2:  # for two tasks the best pair is the exact solution
+        weights = _frank_wolfe(gram, mask, weights, max_iters, tol)
+        weights = _polish(gram, mask, weights, max_rounds=2 * num_tasks + 16)
+
+    weights = ops.where(mask, weights, 0.0)
+    weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+    weights = ops.where(any_active[..., None], weights, 1.0 / num_tasks)
+    weights = ops.where(finite[..., None], weights, np.nan)
+    return ops.cast(weights, dtype)
+
+
+def min_norm_from_vectors(vectors, mask=None, **kwargs):
+    """`min_norm` for explicit task gradients.
+
+    Args:
+        vectors: (..., T, D) task gradients (flattened), float32 or float64.
+        mask: optional boolean (..., T), as in `min_norm`.
+        **kwargs: `max_iters`, `tol`, passed to `min_norm`.
+
+    Returns:
+        alpha: (..., T) weights on the simplex, in the dtype of `vectors`.
+
+    Example:
+
+    ```python
+    alpha = keras_mgda.solvers.min_norm_from_vectors([[1.0, 0.0], [0.0, 2.0]])
+    ```
+    """
+    vectors = ops.convert_to_tensor(vectors)
+    vectors = ops.cast(vectors, _float_dtype(vectors))
+    gram = ops.einsum("...id,...jd->...ij", vectors, vectors)
+    return min_norm(gram, mask=mask, **kwargs)
+
+
+def normalization_divisors(gram, losses, normalization="loss+", epsilon=1e-12):
+    """Per-task divisors n_t for gradient normalisation, as in MGDA's code.
+
+    Dividing gradient t by n_t changes the min-norm weights only; the caller
+    applies those weights to the raw losses.
+
+    Args:
+        gram: (..., T, T) Gram matrix of the task gradients.
+        losses: (..., T) task losses.
+        normalization: `"l2"` (n_t = ||g_t|| = sqrt(M_tt)), `"loss"`
+            (n_t = |L_t|), `"loss+"` (n_t = |L_t| ||g_t||) or `"none"` (1).
+        epsilon: floor of every divisor, n_t = max(n_t, epsilon).
+
+    Returns:
+        (..., T) divisors, in the dtype of `gram`.
+
+    Raises:
+        ValueError: for an unknown `normalization`.
+
+    Example:
+
+    ```python
+    n = normalization_divisors(gram, losses, "l2")
+    alpha = min_norm(normalize_gram(gram, n))
+    ```
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"Unknown normalization {normalization!r}; use one of {NORMALIZATIONS}."
+        )
+    gram = ops.convert_to_tensor(gram)
+    dtype = _float_dtype(gram)
+    gram = ops.cast(gram, dtype)
+    losses = ops.cast(losses, dtype)
+    # Clamp at 0: rounding can make a zero gradient's M_tt slightly negative.
+    norms = ops.sqrt(ops.maximum(ops.diagonal(gram, axis1=-2, axis2=-1), _const(0.0, gram)))
+    if normalization == "l2":
+        divisors = norms
+    elif normalization == "loss":
+        divisors = ops.abs(losses) * ops.ones_like(norms)
+    elif normalization == "loss+":
+        divisors = ops.abs(losses) * norms
+    else:
+        divisors = ops.ones_like(norms)
+    return ops.maximum(divisors, _const(epsilon, gram))
+
+
+def normalize_gram(gram, divisors):
+    """Gram matrix of the normalised gradients g_t / n_t.
+
+    Args:
+        gram: (..., T, T) Gram matrix.
+        divisors: (..., T) positive divisors, e.g. from `normalization_divisors`.
+
+    Returns:
+        (..., T, T) matrix M_ij / (n_i n_j).
+
+    Example:
+
+    ```python
+    normalized = normalize_gram(gram, normalization_divisors(gram, losses, "l2"))
+    ```
+    """
+    gram = ops.convert_to_tensor(gram)
+    divisors = ops.cast(divisors, _float_dtype(gram))
+    # Divide twice rather than by the product, which could overflow.
+    return gram / divisors[..., :, None] / divisors[..., None, :]
