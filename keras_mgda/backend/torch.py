@@ -3,8 +3,8 @@
 The step runs eagerly, like Keras's own torch trainer
 (`keras/src/backend/torch/trainer.py`): forward once, per-task gradients
 with respect to the shared representation Z through the heads only (one
-vectorised backward, `torch.autograd.grad(..., is_grads_batched=True)`,
-with a per-task loop when an op has no batching rule), the task weights
+backward per task from its own loss, so autograd visits that head only),
+the task weights
 from the float32 Gram matrix, then ONE backward into the variables'
 `.grad` (zeroed first, as Keras does) and `optimizer.apply` under
 `torch.no_grad()`.
@@ -146,6 +146,13 @@ def _batched_vjp(outputs, inputs, cotangents):
     ]
 
 
+def _grad_or_zeros(output, source):
+    (grad,) = torch.autograd.grad(
+        output, [source], retain_graph=True, allow_unused=True
+    )
+    return torch.zeros_like(source) if grad is None else grad
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     model._ensure_tasks(data)
@@ -176,7 +183,8 @@ def train_step(model, data):
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
     model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
-    task_losses = model._task_losses()
+    task_loss_list = model._task_loss_list()
+    task_losses = torch.stack(task_loss_list)
     extra = model._additional_loss()
     scaled_losses = optimizer.scale_loss(task_losses)
     scaled_extra = None if extra is None else optimizer.scale_loss(extra)
@@ -184,10 +192,15 @@ def train_step(model, data):
     gram = None
     if needs_gram:
         num_tasks = scaled_losses.shape[0]
-        eye = torch.eye(
-            num_tasks, dtype=scaled_losses.dtype, device=scaled_losses.device
+        # One backward per task from its own loss: autograd then visits that
+        # task's head only (a batched backward from the stacked losses would
+        # run every head's backward for every task: T^2 head backwards).
+        jac_z = torch.stack(
+            [
+                _grad_or_zeros(optimizer.scale_loss(l), z_heads)
+                for l in task_loss_list
+            ]
         )
-        (jac_z,) = _batched_vjp(scaled_losses, [z_heads], eye)
         losses32 = task_losses.detach().float()
         if in_parameters:
             # dL_t/dW = (dZ/dW)^T G_t, all tasks in one batched backward.
