@@ -244,6 +244,34 @@ class MultiTaskModel(keras.Model):
         parts.skipped_tracker = keras.metrics.Sum(name="skipped_steps")
         parts.compile_loss = compile_loss
 
+    def _output_heads(self):
+        """One functional sub-model from Z to each output, in the flat order
+        of the outputs (for backends whose autodiff does not prune)."""
+        parts = self._parts
+        if getattr(parts, "output_heads", None) is None:
+            parts.output_heads = [
+                keras.Model(parts.shared_tensor, output)
+                for output in keras.tree.flatten(self._outputs_struct)
+            ]
+        return parts.output_heads
+
+    def _task_output_indices(self):
+        """For each task, the flat index of the output its loss reads."""
+        outputs = keras.tree.flatten(self._outputs_struct)
+        indices = keras.tree.pack_sequence_as(self._outputs_struct, list(range(len(outputs))))
+        result = []
+        for entry in self._compile_loss._flat_losses:
+            index = indices
+            try:
+                for key in entry.path:
+                    index = index[key]
+            except (KeyError, IndexError, TypeError):
+                index = self.output_names.index(entry.path[-1])
+            if not isinstance(index, int):
+                index = 0
+            result.append(index)
+        return result
+
     def _task_loss_list(self):
         """The per-task losses recorded by the last loss computation, with
         their `loss_weights`: a list of T scalars in the loss dtype, each

@@ -50,10 +50,21 @@ def _float_dtype(x):
     return dtype
 
 
+# keras' torch backend returns float32 from maximum, minimum and floor even
+# for float64 tensors, and rounds Python scalars in `where` to float32: so
+# these helpers, and typed constants wherever a scalar is not exact in float32.
+
+
 def _const(value, like):
-    # Typed constant: keras' torch backend turns maximum(float64, 0.0) into
-    # float32, so never mix Python scalars into maximum / minimum.
     return ops.cast(value, _float_dtype(like))
+
+
+def _maximum(x, y):  # NaN in x propagates, as with ops.maximum
+    return ops.where(x < y, y, x)
+
+
+def _minimum(x, y):
+    return ops.where(x > y, y, x)
 
 
 def _matvec(matrix, vector):
@@ -64,9 +75,10 @@ def _dot(x, y):
     return ops.sum(x * y, axis=-1)
 
 
-def _power_of_two_below(x):
-    """2**floor(log2(x)) for x > 0: dividing by it is exact."""
-    return ops.power(ops.cast(2.0, x.dtype), ops.floor(ops.log2(x)))
+def _power_of_two_near(x):
+    """2**trunc(log2(x)) for x > 0: dividing by it is exact."""
+    exponent = ops.cast(ops.cast(ops.log2(x), "int32"), x.dtype)
+    return ops.power(_const(2.0, x), exponent)
 
 
 def _best_pair(gram, pair_mask):
@@ -124,8 +136,8 @@ def _frank_wolfe(gram, mask, weights, max_iters, tol):
         direction = one_toward - one_away
         gram_direction = _matvec(gram, direction)
         slope = -_dot(gram_weights, direction)
-        curvature = ops.maximum(_dot(gram_direction, direction), tiny)
-        step = ops.minimum(slope / curvature, _dot(weights, one_away))
+        curvature = _maximum(_dot(gram_direction, direction), tiny)
+        step = _minimum(slope / curvature, _dot(weights, one_away))
         step = ops.where(active, step, 0.0)[..., None]
         weights = weights + step * direction
         # Drop the away task exactly when the step empties it.
@@ -158,9 +170,9 @@ def _polish(gram, mask, weights, max_rounds):
     eps = float(np.finfo(dtype).eps)
     diag = ops.diagonal(gram, axis1=-2, axis2=-1)
     # Relative to each task's own scale, so tiny gradients next to huge ones
-    # are still resolved (floored well above underflow).
-    floor = float(np.finfo(dtype).tiny / eps)
-    ridge = float(np.sqrt(eps)) * ops.where(diag > 0, ops.maximum(diag, _const(floor, gram)), 1.0)
+    # are still resolved; floored at eps**2 (M is scaled to max M_ii ~ 1) so
+    # the system never becomes exactly singular, which TF and torch reject.
+    ridge = float(np.sqrt(eps)) * _maximum(diag, _const(eps * eps, gram))
     eye = ops.eye(num_tasks, dtype=dtype)
     abs_gram = ops.abs(gram)
 
@@ -278,7 +290,7 @@ def min_norm(gram, mask=None, max_iters=None, tol=None):
     gram = ops.where(pair_mask, gram, 0.0)
     largest = ops.max(ops.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
     largest = ops.where(largest > 0, largest, 1.0)
-    gram = gram / _power_of_two_below(largest)[..., None, None]
+    gram = gram / _power_of_two_near(largest)[..., None, None]
 
     if num_tasks == 1:
         weights = ops.ones_like(gram[..., 0])
@@ -290,7 +302,7 @@ def min_norm(gram, mask=None, max_iters=None, tol=None):
 
     weights = ops.where(mask, weights, 0.0)
     weights = weights / ops.sum(weights, axis=-1, keepdims=True)
-    weights = ops.where(any_active[..., None], weights, 1.0 / num_tasks)
+    weights = ops.where(any_active[..., None], weights, _const(1.0 / num_tasks, weights))
     weights = ops.where(finite[..., None], weights, np.nan)
     return ops.cast(weights, dtype)
 
@@ -353,7 +365,7 @@ def normalization_divisors(gram, losses, normalization="loss+", epsilon=1e-12):
     gram = ops.cast(gram, dtype)
     losses = ops.cast(losses, dtype)
     # Clamp at 0: rounding can make a zero gradient's M_tt slightly negative.
-    norms = ops.sqrt(ops.maximum(ops.diagonal(gram, axis1=-2, axis2=-1), _const(0.0, gram)))
+    norms = ops.sqrt(_maximum(ops.diagonal(gram, axis1=-2, axis2=-1), _const(0.0, gram)))
     if normalization == "l2":
         divisors = norms
     elif normalization == "loss":
@@ -362,7 +374,7 @@ def normalization_divisors(gram, losses, normalization="loss+", epsilon=1e-12):
         divisors = ops.abs(losses) * norms
     else:
         divisors = ops.ones_like(norms)
-    return ops.maximum(divisors, _const(epsilon, gram))
+    return _maximum(divisors, _const(epsilon, gram))
 
 
 def normalize_gram(gram, divisors):

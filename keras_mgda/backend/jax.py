@@ -90,31 +90,69 @@ def train_step(model, state, data):
     z, encoder_vjp, ntv = jax.vjp(encoder_fn, trainable_values, has_aux=True)
 
     if needs_gram:
-        (task_losses, extra), heads_vjp, aux = jax.vjp(
-            lambda z, tv: heads_fn(z, tv, ntv), z, trainable_values, has_aux=True
-        )
-        zeros_extra = jnp.zeros_like(extra)
-        one_hot = jnp.eye(num_tasks, dtype=task_losses.dtype) * loss_scale.astype(task_losses.dtype)
-        # One backward through the heads per task, vectorised; the unused
-        # parameter gradients are removed by XLA.
-        per_task_z = jax.vmap(lambda c: heads_vjp((c, zeros_extra))[0])(one_hot)
+        # Each output's head gets its own vjp, so that a task's backward
+        # runs its own head only (a vjp of all heads at once would run every
+        # head's backward for every task: T^2 head backwards).
+        ys, head_vjps = [], []
+        for head in model._output_heads():
+
+            def head_fn(z, tv, head=head, ntv=ntv):
+                mapping = list(zip(trainable, tv)) + list(zip(non_trainable, ntv))
+                y_out, scope = _scoped(mapping, lambda: head(z, training=True))
+                return y_out, _updated(scope, non_trainable, ntv)
+
+            y_out, head_vjp, ntv = jax.vjp(head_fn, z, trainable_values, has_aux=True)
+            ys.append(y_out)
+            head_vjps.append(head_vjp)
+
+        def loss_fn(ys, tv):
+            y_pred = keras.tree.pack_sequence_as(model._outputs_struct, ys)
+            mapping = (
+                list(zip(trainable, tv))
+                + list(zip(non_trainable, ntv))
+                + list(zip(metrics, metrics_values))
+            )
+
+            def run():
+                loss = model._compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                )
+                extra = model._additional_loss()
+                if extra is None:
+                    extra = jnp.zeros((), loss.dtype)
+                return loss, model._task_losses(), extra
+
+            (loss, task_losses, extra), scope = _scoped(mapping, run)
+            aux = (y_pred, loss, _updated(scope, non_trainable, ntv), _updated(scope, metrics, metrics_values))
+            return (task_losses, extra), aux
+
+        (task_losses, extra), loss_vjp, aux = jax.vjp(loss_fn, ys, trainable_values, has_aux=True)
+        scale = loss_scale.astype(task_losses.dtype)
+        zero_extra = jnp.zeros_like(extra)
+        one_hot = jnp.eye(num_tasks, dtype=task_losses.dtype) * scale
+        # dL_t/dy for every task at once: the losses are cheap elementwise
+        # functions of the outputs.
+        output_cotangents = jax.vmap(lambda c: loss_vjp((c, zero_extra))[0])(one_hot)
+        jac_z, jac_params = [], []
+        for t, output_index in enumerate(model._task_output_indices()):
+            dz, dparams = head_vjps[output_index](output_cotangents[output_index][t])
+            jac_z.append(dz)
+            jac_params.append(dparams)
+        per_task_z = jnp.stack(jac_z)
         if weighting.gradient_space == "parameters":
-            per_task_params = jax.vmap(lambda g: encoder_vjp(g)[0])(per_task_z)
-            jacobians = [g for g in per_task_params]
+            jacobians = jax.vmap(lambda g: encoder_vjp(g)[0])(per_task_z)
         else:
             jacobians = [per_task_z]
         gram = step.gram_from_jacobians(jacobians, loss_scale)
         weights = jax.lax.stop_gradient(
             weighting(task_losses.astype("float32"), gram)
         )
-        head_weights = weighting.head_weights(weights)
-        scale = loss_scale.astype(task_losses.dtype)
-        _, head_grads = heads_vjp((head_weights.astype(task_losses.dtype) * scale, scale))
-        (encoder_grads,) = encoder_vjp(step.combine(weights, per_task_z))
-        grads = [
-            h if e is None else (e if h is None else h + e)
-            for h, e in zip(head_grads, encoder_grads)
-        ]
+        head_weights = weighting.head_weights(weights).astype(task_losses.dtype)
+        (grads,) = encoder_vjp(step.combine(weights, per_task_z))
+        _, extra_grads = loss_vjp((jnp.zeros_like(task_losses), scale))
+        grads = [g + e for g, e in zip(grads, extra_grads)]
+        for t, dparams in enumerate(jac_params):
+            grads = [g + (head_weights[t] * d).astype(g.dtype) for g, d in zip(grads, dparams)]
     else:
         gram = None
 
