@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Installs keras_mgda with its test dependencies and runs the test suite on
-# each Keras backend named in BACKENDS (default: tensorflow).
+# Installs keras_mgda with its test dependencies and runs the test suite once
+# per Keras backend in BACKENDS (default: all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BACKENDS=${BACKENDS:-tensorflow}
-python -m pip install --quiet -e ".[tensorflow,test]"
+BACKENDS=${BACKENDS:-"tensorflow jax torch"}
+# torch==2.13.0 is the CPU build; a plain `torch` requirement would pull a
+# multi-GB CUDA build onto machines without a GPU.
+python -m pip install --quiet -e ".[tensorflow,jax,test]" "torch==2.13.0"
 status=0
 for backend in $BACKENDS; do
   echo "=== KERAS_BACKEND=$backend ==="
-  KERAS_BACKEND=$backend python -m pytest -q "$@" || status=1
+  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@" || status=1
 done
 exit $status
