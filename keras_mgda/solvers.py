@@ -6,21 +6,27 @@ The core problem: given the Gram matrix M = G G^T of T task gradients, find
 
 the weights of the minimum-norm point of the convex hull of the gradients.
 
-The paper solves it with plain Frank-Wolfe, which stalls with relative
+The paper solves it with plain Frank-Wolfe, which stops with relative
 objective gaps of 1e-3 and worse. `min_norm` solves it to working precision:
 
-1. Rescale M by a power of two near its largest diagonal (lossless), so the
-   tolerances are relative and gram and c * gram give the same weights.
+1. Rescale M by a power of two near its largest diagonal (lossless), so all
+   tolerances are relative: gram and c * gram give the same weights.
 2. Start from the best pair: the closed-form two-task solution, vectorised
-   over all pairs (including each task alone).
-3. Pairwise Frank-Wolfe with exact line search (mass moves from the worst
-   task in the support to the best task overall), until the duality gap
-   falls below `tol`. This finds the support cheaply.
-4. Polish: a few rounds of a primal-dual active-set method, each solving the
-   KKT system on the current support exactly (one linear solve, with a tiny
-   proximal ridge so that identical or collinear gradients stay solvable;
-   the proximal term vanishes at convergence) and then adding violated
-   tasks / dropping negative weights. The best candidate is kept.
+   over all pairs (including each task alone). Exact for T = 2.
+3. Pairwise Frank-Wolfe with exact line search (weight moves from the worst
+   task in the support to the best task overall), for at most `max_iters`
+   steps or until the duality gap is below `tol`: a cheap guess of the
+   support.
+4. Polish with a primal active-set method: each round solves the KKT system
+   on the current free set exactly (one linear solve, with a vanishing
+   proximal term so that identical or collinear gradients stay solvable),
+   steps as far towards it as the simplex allows, drops the task that
+   blocks, adds every task that violates the KKT conditions, and stops when
+   the KKT conditions hold to rounding noise.
+
+A caveat on "exact": where the optimum is 0 to within rounding (the origin
+is in the hull) and M was computed in floating point, M is itself indefinite
+at the level eps * max M_ii, and the optimum is only defined to about that.
 
 Everything is written with `keras.ops`, so it runs on TensorFlow, JAX and
 PyTorch, inside `tf.function` and `jax.jit`: loops have fixed shapes and an
@@ -34,7 +40,7 @@ from keras import ops
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")
 
 # Frank-Wolfe only has to find roughly the right support (each step changes
-# it by at most one task), the polish does the fine work: so by default T
+# it by at most one task), the polish does the fine work: so by default 2 T
 # steps and a loose duality-gap tolerance, relative to the largest M_ii.
 DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
 # A task joins the free set when it is below the current point by more than
@@ -55,8 +61,8 @@ def _float_dtype(x):
 # these helpers, and typed constants wherever a scalar is not exact in float32.
 
 
-def _const(value, like):
-    return ops.cast(value, _float_dtype(like))
+def _const(value, like):  # (ops.cast of a Python float goes via float32 on TF)
+    return ops.convert_to_tensor(value, dtype=_float_dtype(like))
 
 
 def _maximum(x, y):  # NaN in x propagates, as with ops.maximum
@@ -76,9 +82,9 @@ def _dot(x, y):
 
 
 def _power_of_two_near(x):
-    """2**trunc(log2(x)) for x > 0: dividing by it is exact."""
-    exponent = ops.cast(ops.cast(ops.log2(x), "int32"), x.dtype)
-    return ops.power(_const(2.0, x), exponent)
+    """2**round(log2(x)) for x > 0: dividing by it is exact. (Rounded, not
+    floored: log2 of an exact power of two may come out a hair low.)"""
+    return ops.power(_const(2.0, x), ops.round(ops.log2(x)))
 
 
 def _best_pair(gram, pair_mask):
@@ -94,12 +100,13 @@ def _best_pair(gram, pair_mask):
     spread = d_i + d_j - 2.0 * gram  # |g_i - g_j|^2
     safe_spread = ops.where(spread > 0, spread, ops.ones_like(spread))
     weight_i = ops.where(spread > 0, ops.clip((d_j - gram) / safe_spread, 0.0, 1.0), 1.0)
-    value = (
-        weight_i * weight_i * d_i
-        + 2.0 * weight_i * (1.0 - weight_i) * gram
-        + (1.0 - weight_i) * (1.0 - weight_i) * d_j
-    )
-    value = ops.where(pair_mask, value, np.inf)
+    weight_j = 1.0 - weight_i
+    value = weight_i * weight_i * d_i + 2.0 * weight_i * weight_j * gram + weight_j * weight_j * d_j
+    # Rank by an upper bound: a near-cancelling pair of large gradients can
+    # round below a genuinely tiny one, which then would never be found.
+    eps = float(np.finfo(_float_dtype(gram)).eps)
+    value_noise = weight_i * weight_i * d_i + 2.0 * weight_i * weight_j * ops.abs(gram) + weight_j * weight_j * d_j
+    value = ops.where(pair_mask, value + 8.0 * eps * value_noise, np.inf)
     best_j = ops.argmin(value, axis=-1)  # (..., T): best partner of each i
     best_i = ops.argmin(ops.min(value, axis=-1), axis=-1)  # (...,)
     best_j = ops.take_along_axis(best_j, best_i[..., None], axis=-1)[..., 0]
@@ -120,7 +127,7 @@ def _frank_wolfe(gram, mask, weights, max_iters, tol):
     dtype = _float_dtype(gram)
     tiny = _const(np.finfo(dtype).tiny, gram)
 
-    def pair(weights, gram_weights):
+    def select(weights, gram_weights):  # (toward, away, still above tol)
         toward = ops.where(mask, gram_weights, np.inf)
         away = ops.where(weights > 0, gram_weights, -np.inf)
         gap = ops.max(away, axis=-1) - ops.min(toward, axis=-1)
@@ -130,7 +137,7 @@ def _frank_wolfe(gram, mask, weights, max_iters, tol):
         return ops.any(active)
 
     def body(weights, gram_weights, active):
-        toward, away, _ = pair(weights, gram_weights)
+        toward, away, _ = select(weights, gram_weights)
         one_toward = ops.one_hot(toward, num_tasks, dtype=dtype)
         one_away = ops.one_hot(away, num_tasks, dtype=dtype)
         direction = one_toward - one_away
@@ -143,11 +150,11 @@ def _frank_wolfe(gram, mask, weights, max_iters, tol):
         # Drop the away task exactly when the step empties it.
         weights = ops.where((one_away > 0) & (weights <= 0), 0.0, weights)
         gram_weights = gram_weights + step * gram_direction
-        _, _, next_active = pair(weights, gram_weights)
+        _, _, next_active = select(weights, gram_weights)
         return weights, gram_weights, active & next_active
 
     gram_weights = _matvec(gram, weights)
-    active = pair(weights, gram_weights)[2]
+    active = select(weights, gram_weights)[2]
     weights, _, _ = ops.while_loop(
         cond, body, (weights, gram_weights, active), maximum_iterations=max_iters
     )
@@ -162,17 +169,22 @@ def _polish(gram, mask, weights, max_rounds):
     keeps the system non-singular for identical or collinear gradients and
     vanishes at convergence (a = a_prev), so the limit is the exact optimum.
     If the solution leaves the simplex we step towards it as far as
-    feasible and drop the blocking task; once feasible, the most violated
-    KKT condition (the task furthest below the current point) joins.
+    feasible and drop the blocking task; once feasible, every task below the
+    current point ((M a)_j < a^T M a, a violated KKT condition) joins.
     """
     num_tasks = gram.shape[-1]
     dtype = _float_dtype(gram)
     eps = float(np.finfo(dtype).eps)
-    diag = ops.diagonal(gram, axis1=-2, axis2=-1)
-    # Relative to each task's own scale, so tiny gradients next to huge ones
-    # are still resolved; floored at eps**2 (M is scaled to max M_ii ~ 1) so
-    # the system never becomes exactly singular, which TF and torch reject.
-    ridge = float(np.sqrt(eps)) * _maximum(diag, _const(eps * eps, gram))
+    # The proximal weight of task i is delta * r_i with r_i = M_ii: relative to
+    # each task's own scale, so tiny gradients next to huge ones are still
+    # resolved. r_i is floored at eps**2 (M is scaled to max M_ii ~ 1).
+    scale = ops.sqrt(_maximum(ops.diagonal(gram, axis1=-2, axis2=-1), _const(eps * eps, gram)))
+    delta = float(np.sqrt(eps))
+    ridge = delta * scale * scale
+    # The KKT system is solved in the variables b = scale * a, where it is
+    # C = M_ij / (scale_i scale_j) (unit diagonal) plus delta * I: well
+    # conditioned, and never exactly singular, which TF and torch reject.
+    unit_gram = gram / scale[..., :, None] / scale[..., None, :]
     eye = ops.eye(num_tasks, dtype=dtype)
     abs_gram = ops.abs(gram)
 
@@ -180,17 +192,21 @@ def _polish(gram, mask, weights, max_rounds):
         return ~ops.all(done)
 
     def body(weights, free, done):
-        # KKT system [[M_FF + delta R, 1], [1^T, 0]] [a; -lambda] = [delta R a_prev; 1],
-        # identity rows off the free set. Bordered rather than eliminated: the
-        # solution stays O(1) even when M_FF is singular, so it is accurate.
+        # [[C_FF + delta I, s u], [s u^T, 0]] [b; -lambda / s] = [delta b_prev; s]
+        # with u = 1 / scale (so sum(a) = u^T b = 1) and s = 1 / max_F u,
+        # identity rows off the free set F. Bordered rather than eliminated:
+        # the solution stays O(1) even when C_FF is singular, so it is accurate.
         free_f = ops.cast(free, dtype)
-        system = gram * free_f[..., :, None] * free_f[..., None, :]
-        system = system + eye * ops.where(free, ridge, 1.0)[..., None]
-        system = ops.concatenate([system, free_f[..., :, None]], axis=-1)
-        border = ops.concatenate([free_f, ops.zeros_like(free_f[..., :1])], axis=-1)
-        system = ops.concatenate([system, border[..., None, :]], axis=-2)
-        rhs = ops.concatenate([ridge * weights * free_f, ops.ones_like(free_f[..., :1])], axis=-1)
-        target = ops.solve(system, rhs[..., None])[..., :num_tasks, 0]
+        border = free_f / scale
+        border_scale = 1.0 / ops.max(border, axis=-1, keepdims=True)
+        border = border * border_scale
+        system = unit_gram * free_f[..., :, None] * free_f[..., None, :]
+        system = system + eye * ops.where(free, _const(delta, gram), 1.0)[..., None]
+        system = ops.concatenate([system, border[..., :, None]], axis=-1)
+        border_row = ops.concatenate([border, ops.zeros_like(border[..., :1])], axis=-1)
+        system = ops.concatenate([system, border_row[..., None, :]], axis=-2)
+        rhs = ops.concatenate([delta * scale * weights * free_f, border_scale], axis=-1)
+        target = ops.solve(system, rhs[..., None])[..., :num_tasks, 0] / scale
 
         # Ratio test: the largest step towards the target that stays >= 0.
         blocking = free & (target < 0)
@@ -248,16 +264,17 @@ def min_norm(gram, mask=None, max_iters=None, tol=None):
         mask: optional boolean (..., T). Tasks with mask False are left out
             of the problem and get weight exactly 0. If every task of a batch
             element is masked out, its weights are uniform, 1 / T.
-        max_iters: cap on Frank-Wolfe steps before the polish (default T).
+        max_iters: cap on Frank-Wolfe steps before the polish (default 2 T).
             Only speed depends on it, not the accuracy of the result.
         tol: Frank-Wolfe duality-gap tolerance, relative to the largest
             squared gradient norm (default 1e-5 in float32, 1e-8 in float64).
 
     Returns:
         alpha: (..., T) weights, >= 0 and summing to 1, in the dtype of
-        `gram`. Scale invariant: `gram` and `c * gram` give the same weights.
-        A batch element whose gram contains NaN or Inf gets all-NaN weights
-        (the loops are capped, so it never hangs); callers can test for it.
+        `gram`, not differentiable (gradients are stopped). Scale invariant:
+        `gram` and `c * gram` give the same weights. A batch element whose
+        gram contains NaN or Inf gets all-NaN weights (the loops are capped,
+        so it never hangs); callers can test for it.
 
     Example:
 
@@ -266,14 +283,14 @@ def min_norm(gram, mask=None, max_iters=None, tol=None):
     alpha = keras_mgda.solvers.min_norm(g @ g.T)  # [0.8, 0.2]
     ```
     """
-    gram = ops.convert_to_tensor(gram)
+    gram = ops.stop_gradient(ops.convert_to_tensor(gram))  # alpha is a constant
     dtype = _float_dtype(gram)
     compute_dtype = dtype if dtype in ("float32", "float64") else "float32"
     gram = ops.cast(gram, compute_dtype)
     num_tasks = gram.shape[-1]
     if num_tasks is None or gram.shape[-2] != num_tasks:
         raise ValueError(f"gram must have a static (..., T, T) shape, got {gram.shape}")
-    max_iters = num_tasks if max_iters is None else int(max_iters)
+    max_iters = 2 * num_tasks if max_iters is None else int(max_iters)
     tol = DEFAULT_TOL[compute_dtype] if tol is None else float(tol)
 
     finite = ops.all(ops.isfinite(gram), axis=(-2, -1))
