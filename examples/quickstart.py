@@ -19,10 +19,12 @@ import keras_mgda as km
 
 
 def make_data(n, seed):
+    # The task directions are fixed; only the samples depend on the seed.
+    task_rng = np.random.default_rng(1234)
+    direction = task_rng.normal(size=(20,))
+    conflicting = -direction + 0.5 * task_rng.normal(size=(20,))
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 20)).astype("float32")
-    direction = rng.normal(size=(20,))
-    conflicting = -direction + 0.5 * rng.normal(size=(20,))
     y_reg = (x @ direction + 0.1 * rng.normal(size=n)).astype("float32")[:, None]
     y_cls = np.digitize(x @ conflicting, [-2.0, 0.0, 2.0]).astype("int32")
     return x, {"value": y_reg, "bucket": y_cls}
