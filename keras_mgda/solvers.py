@@ -20,9 +20,9 @@ objective gaps of 1e-3 and worse. `min_norm` solves it to working precision:
 4. Polish with a primal active-set method: each round solves the KKT system
    on the current free set exactly (one linear solve, with a vanishing
    proximal term so that identical or collinear gradients stay solvable),
-   steps as far towards it as the simplex allows, drops the task that
-   blocks, adds every task that violates the KKT conditions, and stops when
-   the KKT conditions hold to rounding noise.
+   line-searches exactly along that step within the simplex, drops the task
+   whose weight reaches 0, adds every task that violates the KKT
+   conditions, and stops when they hold to rounding noise.
 
 A caveat on "exact": where the optimum is 0 to within rounding (the origin
 is in the hull) and M was computed in floating point, M is itself indefinite
@@ -58,8 +58,9 @@ def _float_dtype(x):
 
 
 # keras' torch backend returns float32 from maximum, minimum and floor even
-# for float64 tensors, and rounds Python scalars in `where` to float32: so
-# these helpers, and typed constants wherever a scalar is not exact in float32.
+# for float64 tensors, and rounds Python scalars in `where` to float32; its
+# JAX argmin / argmax compare float64 values in float32. Hence these helpers,
+# and typed constants wherever a scalar is not exact in float32.
 
 
 def _const(value, like):  # (ops.cast of a Python float goes via float32 on TF)
@@ -74,8 +75,22 @@ def _minimum(x, y):
     return ops.where(x > y, y, x)
 
 
+def _argmin(x):
+    return ops.argmax(ops.cast(x == ops.min(x, axis=-1, keepdims=True), "int32"), axis=-1)
+
+
+def _argmax(x):
+    return ops.argmax(ops.cast(x == ops.max(x, axis=-1, keepdims=True), "int32"), axis=-1)
+
+
 def _matvec(matrix, vector):
+    if backend.backend() == "torch":  # keras' torch einsum costs ~10 small ops
+        return ops.sum(matrix * vector[..., None, :], axis=-1)
     return ops.einsum("...ij,...j->...i", matrix, vector)
+
+
+def _one_hot(index, num_tasks, dtype):  # (ops.one_hot is slow on torch)
+    return ops.cast(ops.arange(num_tasks, dtype="int32") == ops.cast(index, "int32")[..., None], dtype)
 
 
 def _dot(x, y):
@@ -108,11 +123,11 @@ def _best_pair(gram, pair_mask):
     eps = float(np.finfo(_float_dtype(gram)).eps)
     value_noise = weight_i * weight_i * d_i + 2.0 * weight_i * weight_j * ops.abs(gram) + weight_j * weight_j * d_j
     value = ops.where(pair_mask, value + 8.0 * eps * value_noise, np.inf)
-    best_j = ops.argmin(value, axis=-1)  # (..., T): best partner of each i
-    best_i = ops.argmin(ops.min(value, axis=-1), axis=-1)  # (...,)
+    best_j = _argmin(value)  # (..., T): best partner of each i
+    best_i = _argmin(ops.min(value, axis=-1))  # (...,)
     best_j = ops.take_along_axis(best_j, best_i[..., None], axis=-1)[..., 0]
-    one_i = ops.one_hot(best_i, num_tasks, dtype=_float_dtype(gram))
-    one_j = ops.one_hot(best_j, num_tasks, dtype=_float_dtype(gram))
+    one_i = _one_hot(best_i, num_tasks, _float_dtype(gram))
+    one_j = _one_hot(best_j, num_tasks, _float_dtype(gram))
     w = _dot(_matvec(weight_i, one_j), one_i)[..., None]
     return w * one_i + (1.0 - w) * one_j
 
@@ -132,15 +147,15 @@ def _frank_wolfe(gram, mask, weights, max_iters, tol):
         toward = ops.where(mask, gram_weights, np.inf)
         away = ops.where(weights > 0, gram_weights, -np.inf)
         gap = ops.max(away, axis=-1) - ops.min(toward, axis=-1)
-        return ops.argmin(toward, axis=-1), ops.argmax(away, axis=-1), gap > tol
+        return _argmin(toward), _argmax(away), gap > tol
 
     def cond(weights, gram_weights, active):
         return ops.any(active)
 
     def body(weights, gram_weights, active):
         toward, away, _ = select(weights, gram_weights)
-        one_toward = ops.one_hot(toward, num_tasks, dtype=dtype)
-        one_away = ops.one_hot(away, num_tasks, dtype=dtype)
+        one_toward = _one_hot(toward, num_tasks, dtype)
+        one_away = _one_hot(away, num_tasks, dtype)
         direction = one_toward - one_away
         gram_direction = _matvec(gram, direction)
         slope = -_dot(gram_weights, direction)
