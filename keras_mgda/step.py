@@ -64,6 +64,29 @@ def weights_finite(weights):
     return ops.all(ops.isfinite(weights))
 
 
+def step_flags(optimizer, losses, gram, weights):
+    """Whether this step's values are finite, shared by every backend.
+
+    Args:
+        optimizer: the model's optimizer.
+        losses: (T,) task losses.
+        gram: (T, T) Gram matrix or None.
+        weights: (T,) task weights.
+
+    Returns:
+        `(per_task_ok, logged_ok, step_ok)`: per-task finiteness; whether the
+        weights may be logged; whether the update may be applied. With a
+        `LossScaleOptimizer`, overflowing scaled gradients are routine (it
+        skips those steps and lowers its scale itself), so only the losses
+        must be finite for the step.
+    """
+    per_task_ok = task_finite(losses, gram)
+    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_finite(weights))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return per_task_ok, logged_ok, ops.all(task_finite(losses, None))
+    return per_task_ok, logged_ok, logged_ok
+
+
 def batch_size(x):
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     return ops.shape(first)[0]

@@ -168,12 +168,7 @@ def train_step(model, state, data):
         )
     y_pred, loss, ntv, metrics_after_loss = aux
 
-    per_task_ok = step.task_finite(task_losses, gram)
-    logged_ok = jnp.logical_and(jnp.all(per_task_ok), step.weights_finite(weights))
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        step_ok = jnp.all(step.task_finite(task_losses, None))
-    else:
-        step_ok = logged_ok
+    per_task_ok, logged_ok, step_ok = step.step_flags(optimizer, task_losses, gram, weights)
 
     new_trainable, new_optimizer = optimizer.stateless_apply(optimizer_values, grads, trainable_values)
     new_trainable = _select(step_ok, new_trainable, trainable_values)

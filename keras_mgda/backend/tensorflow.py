@@ -149,16 +149,9 @@ def train_step(model, data):
         grads = tape.gradient(objective, trainable)
     del tape
 
-    per_task_ok = step.task_finite(task_losses, gram)
-    weights_ok = step.weights_finite(weights)
-    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_ok)
-    losses_ok = ops.all(step.task_finite(task_losses, None))
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        # Overflowing scaled gradients are routine here: the loss scale
-        # optimizer skips those steps and lowers the scale itself.
-        step_ok = losses_ok
-    else:
-        step_ok = logged_ok
+    per_task_ok, logged_ok, step_ok = step.step_flags(
+        optimizer, task_losses, gram, weights
+    )
     step_ok = _all_reduce_sum(ops.cast(ops.logical_not(step_ok), "int32")) == 0
 
     bad_task = ops.argmin(ops.cast(per_task_ok, "int32"))

@@ -240,16 +240,9 @@ def train_step(model, data):
 
     # Every flag below is computed from all-reduced values, so all
     # processes agree without another collective.
-    per_task_ok = step.task_finite(losses_for_check, gram)
-    weights_ok = step.weights_finite(weights.detach())
-    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_ok)
-    losses_ok = ops.all(step.task_finite(losses_for_check, None))
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        # Overflowing scaled gradients are routine here: the loss scale
-        # optimizer skips those steps and lowers the scale itself.
-        step_ok = losses_ok
-    else:
-        step_ok = logged_ok
+    per_task_ok, logged_ok, step_ok = step.step_flags(
+        optimizer, losses_for_check, gram, weights.detach()
+    )
     take_step = bool(step_ok)
 
     if not take_step and model.on_nonfinite == "raise":
