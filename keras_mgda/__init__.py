@@ -4,6 +4,9 @@ MGDA-UB (Sener & Koltun, NeurIPS 2018) and other loss-balancing methods as a
 drop-in `keras.Model`, on TensorFlow, JAX and PyTorch.
 """
 
+from keras_mgda import datasets
+from keras_mgda import metrics
+from keras_mgda import models
 from keras_mgda import solvers
 from keras_mgda import weighting
 from keras_mgda.model import MGDAModel

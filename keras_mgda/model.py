@@ -1,6 +1,8 @@
 """MultiTaskModel and MGDAModel: a functional `keras.Model` whose `fit`
 balances the task losses with a `Weighting` (MGDA-UB by default)."""
 
+import inspect
+
 import keras
 
 from keras_mgda import backend as mtl_backend
@@ -119,7 +121,9 @@ class MultiTaskModel(keras.Model):
                 f"{NONFINITE_POLICIES}."
             )
         self.on_nonfinite = on_nonfinite
-        object.__setattr__(self, "_weighting", weighting_lib.get(weighting))
+        # Tracked like a sub-layer: the weighting's variables (state, learned
+        # parameters) are the model's, saved and carried like any other.
+        self._weighting = weighting_lib.get(weighting)
         shared_tensor = graph.resolve_shared(self, shared)
         encoder, heads = graph.split_at(self, shared_tensor)
         object.__setattr__(self, "_parts", _Parts(encoder, heads, shared_tensor))
@@ -189,9 +193,22 @@ class MultiTaskModel(keras.Model):
     # Task bookkeeping -----------------------------------------------------
 
     def _symbolic_build(self, *args, **kwargs):
-        super()._symbolic_build(*args, **kwargs)
+        # Keras builds the optimizer here from `trainable_variables`; the
+        # weighting's variables exist only once the tasks are known (after
+        # the compiled loss is built), so build the optimizer after them.
+        optimizer = getattr(self, "optimizer", None)
+        defer = optimizer is not None and not optimizer.built
+        if defer:
+            optimizer.built = True
+        try:
+            super()._symbolic_build(*args, **kwargs)
+        finally:
+            if defer:
+                optimizer.built = False
         if self._compile_loss is not None and self._compile_loss.built:
             self._prepare_tasks()
+        if defer:
+            optimizer.build(self.trainable_variables)
 
     def _ensure_tasks(self, data):
         """Makes sure the tasks are known and their trackers exist; on TF
@@ -243,6 +260,20 @@ class MultiTaskModel(keras.Model):
         ]
         parts.skipped_tracker = keras.metrics.Sum(name="skipped_steps")
         parts.compile_loss = compile_loss
+        self._build_weighting(len(parts.task_names))
+
+    def _build_weighting(self, num_tasks):
+        weighting = self.weighting
+        if not weighting.built:
+            weighting.build(num_tasks, self._parts.task_names)
+        elif weighting.num_tasks != num_tasks:
+            raise ValueError(
+                f"The weighting {weighting!r} was built for "
+                f"{weighting.num_tasks} tasks, but the model is compiled "
+                f"with {num_tasks} tasks ({self._parts.task_names}). Give "
+                "the model a new weighting instance, or compile it with the "
+                "losses it was built with."
+            )
 
     def _output_heads(self):
         """One functional sub-model from Z to each output, in the flat order
@@ -310,7 +341,20 @@ class MultiTaskModel(keras.Model):
             "on_nonfinite='skip' to skip such steps. Task:"
         )
 
+    def _weighting_variable_ids(self):
+        return {id(v) for v in self.weighting.variables}
+
     # Training -------------------------------------------------------------
+
+    def fit(self, *args, **kwargs):
+        if self.weighting.has_epoch_hook:
+            arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+            arguments.arguments.pop("self")
+            callbacks = list(arguments.arguments.get("callbacks") or [])
+            callbacks.append(_WeightingEpochHook())
+            arguments.arguments["callbacks"] = callbacks
+            return super().fit(*arguments.args, **arguments.kwargs)
+        return super().fit(*args, **kwargs)
 
     def train_step(self, *args, **kwargs):
         return mtl_backend.train_step(self, *args, **kwargs)
@@ -333,6 +377,13 @@ class MultiTaskModel(keras.Model):
             }
         )
         return config
+
+
+class _WeightingEpochHook(keras.callbacks.Callback):
+    """Calls the weighting's `on_epoch_end` after each epoch of `fit`."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.weighting.on_epoch_end(epoch, logs)
 
 
 def _layer_name(shared, shared_tensor):

@@ -43,6 +43,42 @@ def _select(ok, new, old):
     return [jnp.where(ok, n, o) for n, o in zip(new, old)]
 
 
+def _run_weighting(model, trainable_values, ntv, task_losses, gram, loss_scale):
+    """Calls the weighting on the current values of its variables.
+
+    Returns the non-trainable values after its state updates, the (stopped)
+    weights, and the gradients of its own loss with respect to every
+    trainable variable (None when it has no loss)."""
+    trainable = model.trainable_variables
+    non_trainable = model.non_trainable_variables
+    weighting = model.weighting
+    losses = jax.lax.stop_gradient(task_losses.astype("float32"))
+    gram = jax.lax.stop_gradient(gram)
+
+    def fn(tv):
+        mapping = list(zip(trainable, tv)) + list(zip(non_trainable, ntv))
+
+        def run():
+            return weighting(losses, gram), weighting.loss(losses, gram)
+
+        (weights, weighting_loss), scope = _scoped(mapping, run)
+        new_ntv = _updated(scope, non_trainable, ntv)
+        has_loss.append(weighting_loss is not None)
+        if weighting_loss is None:
+            weighting_loss = jnp.zeros((), "float32")
+        scaled = weighting_loss * loss_scale.astype(weighting_loss.dtype)
+        return scaled, (weights, new_ntv)
+
+    has_loss = []
+    if not weighting.trainable_variables:
+        _, (weights, new_ntv) = fn(trainable_values)
+        return new_ntv, jax.lax.stop_gradient(weights), None
+    (_, (weights, new_ntv)), grads = jax.value_and_grad(fn, has_aux=True)(
+        trainable_values
+    )
+    return new_ntv, jax.lax.stop_gradient(weights), grads if has_loss[0] else None
+
+
 def train_step(model, state, data):
     trainable_values, non_trainable_values, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -144,8 +180,8 @@ def train_step(model, state, data):
         else:
             jacobians = [per_task_z]
         gram = step.gram_from_jacobians(jacobians, loss_scale)
-        weights = jax.lax.stop_gradient(
-            weighting(task_losses.astype("float32"), gram)
+        ntv, weights, weighting_grads = _run_weighting(
+            model, trainable_values, aux[2], task_losses, gram, loss_scale
         )
         head_weights = weighting.head_weights(weights).astype(task_losses.dtype)
         (grads,) = encoder_vjp(step.combine(weights, per_task_z))
@@ -153,15 +189,31 @@ def train_step(model, state, data):
         grads = [g + e for g, e in zip(grads, extra_grads)]
         for t, dparams in enumerate(jac_params):
             grads = [g + (head_weights[t] * d).astype(g.dtype) for g, d in zip(grads, dparams)]
+        if weighting_grads is not None:
+            grads = [g + w.astype(g.dtype) for g, w in zip(grads, weighting_grads)]
+        y_pred, loss, _, metrics_after_loss = aux
+        aux = (y_pred, loss, ntv, metrics_after_loss)
     else:
         gram = None
 
         def objective(tv):
             z_local, ntv_local = encoder_fn(tv)
             (task_losses, extra), aux = heads_fn(z_local, tv, ntv_local)
-            weights = weighting(task_losses)
-            total = (ops.sum(weights * task_losses) + extra) * loss_scale.astype(task_losses.dtype)
-            return total, (task_losses, weights, aux)
+            y_pred, loss, ntv_local, metrics_local = aux
+            constants = jax.lax.stop_gradient(task_losses.astype("float32"))
+            mapping = list(zip(trainable, tv)) + list(zip(non_trainable, ntv_local))
+
+            def run():
+                return weighting(constants), weighting.loss(constants, None)
+
+            (weights, weighting_loss), scope = _scoped(mapping, run)
+            ntv_local = _updated(scope, non_trainable, ntv_local)
+            weights = jax.lax.stop_gradient(weights)
+            total = ops.sum(weights.astype(task_losses.dtype) * task_losses) + extra
+            if weighting_loss is not None:
+                total = total + weighting_loss.astype(total.dtype)
+            total = total * loss_scale.astype(total.dtype)
+            return total, (task_losses, weights, (y_pred, loss, ntv_local, metrics_local))
 
         (_, (task_losses, weights, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
             trainable_values

@@ -53,6 +53,16 @@ def _apply_if(ok, optimizer, grads, variables):
     )
 
 
+def _weighting_loss(weighting, global_losses, gram):
+    """The weighting's own objective, scaled like a replica's loss (Keras
+    sums the replicas' gradients)."""
+    value = weighting.loss(global_losses, gram)
+    if value is None:
+        return None
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value / replicas if replicas > 1 else value
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     model._ensure_tasks(data)
@@ -83,8 +93,21 @@ def train_step(model, data):
         if needs_gram:
             scaled_list = [optimizer.scale_loss(l) for l in task_loss_list]
         else:
-            weights = weighting(task_losses)
-            objective = ops.sum(weights * optimizer.scale_loss(task_losses))
+            # Each replica's losses are its local means pre-scaled by 1/R, so
+            # their sum is the global mean: every replica weighs the same.
+            global_losses = tf.stop_gradient(
+                _all_reduce_sum(ops.cast(task_losses, "float32"))
+            )
+            weights = tf.stop_gradient(weighting(global_losses))
+            objective = ops.sum(
+                ops.cast(weights, task_losses.dtype)
+                * optimizer.scale_loss(task_losses)
+            )
+            weighting_loss = _weighting_loss(weighting, global_losses, None)
+            if weighting_loss is not None:
+                objective = objective + optimizer.scale_loss(
+                    ops.cast(weighting_loss, objective.dtype)
+                )
             if scaled_extra is not None:
                 objective = objective + scaled_extra
 
@@ -93,7 +116,9 @@ def train_step(model, data):
         loss_scale = optimizer.scale_loss(tf.ones((), dtype="float32"))
         encoder_vars = encoder.trainable_variables
         encoder_ids = {id(v) for v in encoder_vars}
-        head_vars = [v for v in trainable if id(v) not in encoder_ids]
+        weighting_vars = weighting.trainable_variables
+        other_ids = encoder_ids | {id(v) for v in weighting_vars}
+        head_vars = [v for v in trainable if id(v) not in other_ids]
         # One backward per task through its own head only: TF prunes the
         # backward to the ops between the sources and that task's loss (a
         # stacked target, or pfor over one, would run every head's backward
@@ -123,7 +148,9 @@ def train_step(model, data):
         # Each replica's losses are its local means pre-scaled by 1/R, so
         # their sum is the global mean: every replica weighs the same tasks.
         global_losses = _all_reduce_sum(ops.cast(task_losses, "float32"))
-        weights = tf.stop_gradient(weighting(global_losses, gram))
+        with tf.GradientTape() as weighting_tape:
+            weights = tf.stop_gradient(weighting(global_losses, gram))
+            weighting_loss = _weighting_loss(weighting, global_losses, gram)
         head_weights = weighting.head_weights(weights)
 
         # The encoder's one backward, with the cotangent sum_t w_t dL_t/dZ.
@@ -138,6 +165,11 @@ def train_step(model, data):
                 if g[index] is not None
             ]
             grads_by_id[id(v)] = ops.sum(ops.stack(parts), axis=0) if parts else None
+        if weighting_loss is not None and weighting_vars:
+            weighting_grads = weighting_tape.gradient(
+                optimizer.scale_loss(weighting_loss), weighting_vars
+            )
+            grads_by_id.update(zip(map(id, weighting_vars), weighting_grads))
         grads = [grads_by_id[id(v)] for v in trainable]
         if scaled_extra is not None:
             extra_grads = tape.gradient(scaled_extra, trainable)

@@ -225,18 +225,16 @@ def train_step(model, data):
             losses32, gram = _all_reduce_mean([losses32, gram], world)
             gram = gram / world
         weights = weighting(losses32, gram).detach()
+        weighting_loss = weighting.loss(losses32, gram.detach())
         head_weights = weighting.head_weights(weights)
         losses_for_check = losses32
     else:
-        losses_for_weighting = task_losses
+        losses_for_check = task_losses.detach().float()
         if world > 1:
-            (mean_losses,) = _all_reduce_mean([task_losses], world)
-            # The global values, with the local losses' gradient.
-            losses_for_weighting = task_losses + (
-                mean_losses - task_losses.detach()
-            )
-        weights = weighting(losses_for_weighting)
-        losses_for_check = losses_for_weighting.detach()
+            # Every process weighs the tasks by the global losses.
+            (losses_for_check,) = _all_reduce_mean([losses_for_check], world)
+        weights = weighting(losses_for_check).detach()
+        weighting_loss = weighting.loss(losses_for_check, None)
 
     # Every flag below is computed from all-reduced values, so all
     # processes agree without another collective.
@@ -266,6 +264,9 @@ def train_step(model, data):
             if scaled_extra is not None:
                 targets.append(scaled_extra)
                 output_gradients.append(torch.ones_like(scaled_extra))
+            if weighting_loss is not None:
+                targets.append(optimizer.scale_loss(weighting_loss))
+                output_gradients.append(torch.ones_like(weighting_loss))
             pairs = [
                 (t, g) for t, g in zip(targets, output_gradients) if t.requires_grad
             ]
@@ -274,9 +275,13 @@ def train_step(model, data):
                     [t for t, _ in pairs], [g for _, g in pairs]
                 )
         else:
-            objective = torch.sum(weights * scaled_losses)
+            objective = torch.sum(weights.to(scaled_losses.dtype) * scaled_losses)
             if scaled_extra is not None:
                 objective = objective + scaled_extra
+            if weighting_loss is not None:
+                objective = objective + optimizer.scale_loss(weighting_loss).to(
+                    objective.dtype
+                )
             if objective.requires_grad:
                 objective.backward()
         grads = [v.value.grad for v in trainable]

@@ -5,3 +5,9 @@ from keras_mgda.weighting.base import Weighting
 from keras_mgda.weighting.base import get
 from keras_mgda.weighting.mgda import MGDA
 from keras_mgda.weighting.uniform import Uniform
+from keras_mgda.weighting.static import Static
+from keras_mgda.weighting.uncertainty import Uncertainty
+from keras_mgda.weighting.gradnorm import GradNorm
+from keras_mgda.weighting.dwa import DWA
+from keras_mgda.weighting.lbtw import LBTW
+from keras_mgda.weighting.dtp import DTP

@@ -5,6 +5,12 @@ Almost every loss-balancing method is a function of the T x T Gram matrix
 M = G G^T and the losses. The model computes M only for weightings that set
 `requires_gram`, then backpropagates sum_t w_t dL_t/dZ through the encoder
 once, so every method inherits the one-backward train step.
+
+A weighting is a small Keras layer that the model tracks, so methods with
+state (running losses, a seed for random task orders) or learned parameters
+(Uncertainty's log-variances, GradNorm's weights) keep it in Keras variables:
+they are saved in `.keras` files, carried through JAX's stateless step,
+mirrored under tf.distribute and left untouched by a skipped step.
 """
 
 import keras
@@ -12,17 +18,34 @@ import keras
 GRADIENT_SPACES = ("representation", "parameters")
 
 
-class Weighting:
+class Weighting(keras.layers.Layer):
     """Base class of the task weightings.
 
     Subclasses implement `call(losses, gram)` and set `requires_gram` when
-    they need the Gram matrix of the per-task gradients.
+    they need the Gram matrix of the per-task gradients. Optional hooks:
+
+    - `build(num_tasks)` creates the method's variables once the number of
+      tasks is known (the model calls it when it reads the compiled losses).
+      Non-trainable variables may be assigned in `call` (state such as
+      running losses); use `add_state` to create them.
+    - `loss(losses, gram)` is the method's own objective for its trainable
+      variables (e.g. Uncertainty's log-variances), minimised by the model's
+      optimizer beside the model. The losses and the Gram matrix it receives
+      are constants: the model's weights never get gradients from it.
+    - `head_weights(weights)` says how much of its own gradient each task's
+      head receives.
+    - `on_epoch_end(epoch, logs)` runs after each epoch of `fit` (outside
+      the compiled step), for methods that work per epoch (DWA).
+
+    The weights returned by `call` are treated as constants in the update:
+    the model follows sum_t w_t dL_t.
 
     Attributes:
         requires_gram: whether `call` reads the Gram matrix.
         gradient_space: `"representation"` (gradients with respect to the
             shared representation Z, MGDA-UB) or `"parameters"` (with respect
             to the shared weights).
+        num_tasks: the number of tasks, once built.
 
     Example:
 
@@ -36,11 +59,30 @@ class Weighting:
     requires_gram = False
     gradient_space = "representation"
 
+    def __init__(self, **kwargs):
+        # Weights, Gram matrices and state stay float32 under mixed precision.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_tasks = None
+        self.task_names = None
+
+    def build(self, num_tasks, task_names=None):
+        """Creates the method's state for `num_tasks` tasks.
+
+        Args:
+            num_tasks: int, the number of tasks.
+            task_names: optional list of the tasks' names (the model's
+                outputs), for options given per task name.
+        """
+        self.num_tasks = int(num_tasks)
+        self.task_names = None if task_names is None else list(task_names)
+
     def __call__(self, losses, gram=None):
         """Returns the task weights.
 
         Args:
-            losses: float32 tensor (T,), the per-task (weighted) losses.
+            losses: float32 tensor (T,), the per-task (weighted) losses, as
+                constants.
             gram: float32 tensor (T, T), the Gram matrix of the per-task
                 gradients, or None when `requires_gram` is False.
 
@@ -48,10 +90,24 @@ class Weighting:
             float32 tensor (T,): the weight of each task's loss in the
             shared (encoder) update.
         """
+        # Not Layer.__call__: no autocasting, no symbolic build; the model
+        # builds the weighting with the number of tasks.
         return self.call(losses, gram)
 
     def call(self, losses, gram=None):
         raise NotImplementedError
+
+    def loss(self, losses, gram=None):
+        """The method's own objective for its trainable variables, or None.
+
+        Args:
+            losses: float32 tensor (T,), constants.
+            gram: float32 tensor (T, T) or None, constants.
+
+        Returns:
+            A float32 scalar, or None when the method learns nothing.
+        """
+        return None
 
     def head_weights(self, weights):
         """The coefficient of each task's loss in its head's update.
@@ -64,12 +120,56 @@ class Weighting:
         """
         return weights
 
+    def on_epoch_end(self, epoch, logs=None):
+        """Runs after each epoch of `fit`, outside the compiled train step.
+
+        Args:
+            epoch: int, the epoch that ended.
+            logs: dict of the epoch's logs.
+        """
+
+    @property
+    def has_epoch_hook(self):
+        return type(self).on_epoch_end is not Weighting.on_epoch_end
+
+    def add_state(self, name, shape=(), initializer="zeros", dtype="float32"):
+        """A non-trainable variable that `call` may assign.
+
+        Every replica computes the same value from the global losses, so the
+        first replica's value is kept under tf.distribute.
+
+        Args:
+            name: the variable's name.
+            shape: its shape.
+            initializer: a Keras initializer or its name.
+            dtype: its dtype.
+
+        Returns:
+            A `keras.Variable`.
+        """
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            initializer=initializer,
+            dtype=dtype,
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
     def get_config(self):
         return {}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+    def get_build_config(self):
+        if self.num_tasks is None:
+            return None
+        return {"num_tasks": self.num_tasks, "task_names": self.task_names}
+
+    def build_from_config(self, config):
+        self.build(config["num_tasks"], config.get("task_names"))
 
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -98,3 +198,43 @@ def get(identifier):
             f"such as keras_mgda.weighting.MGDA(); received {identifier!r}."
         )
     return identifier
+
+
+def per_task_values(values, num_tasks, task_names, what):
+    """Resolves a per-task option (a list in task order, or a dict keyed by
+    task name) to a list of `num_tasks` values.
+
+    Args:
+        values: a list/tuple of `num_tasks` values or a dict {task name: value}
+            naming every task.
+        num_tasks: int.
+        task_names: the tasks' names in order, or None.
+        what: the option's name, for error messages.
+
+    Returns:
+        A list of `num_tasks` values.
+    """
+    if isinstance(values, dict):
+        if task_names is None:
+            raise ValueError(
+                f"`{what}` is a dict but the task names are unknown; pass a "
+                f"list of {num_tasks} values in task order instead."
+            )
+        missing = [name for name in task_names if name not in values]
+        unknown = [name for name in values if name not in task_names]
+        if missing or unknown:
+            raise ValueError(
+                f"`{what}` must name every task exactly: the tasks are "
+                f"{list(task_names)}; missing {missing}, unknown {unknown}."
+            )
+        return [values[name] for name in task_names]
+    values = list(values)
+    if len(values) != num_tasks:
+        raise ValueError(
+            f"`{what}` has {len(values)} values but the model has "
+            f"{num_tasks} tasks"
+            + (f" ({list(task_names)})" if task_names else "")
+            + ": give one value per task, in task order, or a dict keyed by "
+            "task name."
+        )
+    return values

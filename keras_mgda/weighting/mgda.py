@@ -63,7 +63,9 @@ class MGDA(Weighting):
         max_iters=None,
         tol=None,
         epsilon=1e-12,
+        **kwargs,
     ):
+        super().__init__(**kwargs)
         if normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"Unknown normalization {normalization!r}; "
