@@ -1,0 +1,175 @@
+"""Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution of the
+tasks, solved on the Gram matrix."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_mgda import solvers
+from keras_mgda.weighting._gradient_base import GradientWeighting
+from keras_mgda.weighting._gradient_base import GramInput
+
+# Step lengths tried at once by the damped Newton line search: 1, 1/2, ...
+LINE_SEARCH_STEPS = 16
+# Below this squared Newton decrement the full Newton step is taken (the
+# quadratically convergent phase of a self-concordant function).
+FULL_STEP_DECREMENT = 0.0625
+
+
+@keras.saving.register_keras_serializable(package="keras_mgda")
+class NashMTL(GradientWeighting):
+    """Multi-task learning as a bargaining game.
+
+    Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya,
+    "Multi-Task Learning as a Bargaining Game", ICML 2022. The update
+    sum_t alpha_t g_t is the Nash bargaining solution among the tasks:
+    alpha > 0 with
+
+        (M alpha)_t = 1 / alpha_t   for every task t,
+
+    so that each task's improvement alpha_t g_t . d is the same, and
+    ||sum_t alpha_t g_t||^2 = alpha^T M alpha = T. The paper approximates it
+    with a sequence of convex programs (cvxpy, 20 iterations). Here alpha
+    is the minimiser of the strictly convex function
+    f(a) = a^T M a / 2 - sum_t log a_t (its gradient M a - 1 / a vanishes
+    exactly at the solution), found by Newton's method with a line search
+    over 16 step lengths at once, in the variables alpha_t ||g_t|| (which
+    makes it scale-free per task), to float32 precision in a few
+    iterations.
+
+    Where no solution exists (the origin is in the convex hull of the
+    gradients, so no direction helps every task) f is unbounded below; a
+    small ridge, `epsilon` times each task's squared gradient norm added to
+    M's diagonal, keeps alpha finite there (about 1/sqrt(epsilon) times its
+    usual size) and changes a regular solution by about epsilon.
+
+    Scale: alpha is in units of 1 / ||g||, so scaling M by s scales the
+    weights by 1 / sqrt(s). Tasks whose gradient is exactly zero have no
+    bargaining position: they get weight 0.
+
+    The authors' code then clips the norm of the shared parameters' gradient
+    to `max_norm` (1.0), while the heads keep alpha_t times their gradient.
+    Since that norm is exactly sqrt(T) at the solution, this is a constant
+    factor here: the weights (shared update) are alpha * min(1, max_norm /
+    sqrt(T)), and with `head_update="scaled"` (the default) the heads get
+    the unclipped alpha. The authors' `update_weights_every` (reuse alpha
+    for several steps) is left out: the Gram matrix is computed every step
+    anyway, and the solve is cheap.
+
+    Args:
+        max_norm: the clipping norm; 0 or None for no clipping.
+        mode: `"representation"` (gradients with respect to the shared
+            representation Z, cheap) or `"parameters"` (with respect to the
+            shared weights, as in the paper).
+        head_update: `"scaled"` (heads get alpha_t times their gradient, as
+            in the paper) or `"full"` (heads get their own gradients).
+        max_iters: cap on the Newton iterations.
+        epsilon: the relative ridge (see above).
+        **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
+
+    Returns:
+        From `call`: (T,) float32 weights, alpha * min(1, max_norm / sqrt(T)).
+
+    Example:
+
+    ```python
+    weighting = keras_mgda.weighting.NashMTL()
+    model = keras_mgda.MultiTaskModel(inputs, outputs, weighting=weighting)
+    ```
+    """
+
+    def __init__(
+        self,
+        max_norm=1.0,
+        mode="representation",
+        head_update="scaled",
+        max_iters=50,
+        epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(mode=mode, head_update=head_update, **kwargs)
+        self.max_norm = max_norm
+        self.max_iters = int(max_iters)
+        self.epsilon = float(epsilon)
+
+    def _clip_factor(self, num_tasks):
+        if not self.max_norm:
+            return 1.0
+        return min(1.0, float(self.max_norm) / math.sqrt(num_tasks))
+
+    def call(self, losses, gram=None):
+        gram = GramInput(gram)
+        alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon)
+        return gram.finish(alpha * self._clip_factor(gram.num_tasks))
+
+    def head_weights(self, weights):
+        if self.head_update == "full":
+            return ops.ones_like(weights)
+        return weights / self._clip_factor(weights.shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"max_norm": self.max_norm, "max_iters": self.max_iters, "epsilon": self.epsilon}
+        )
+        return config
+
+
+def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
+    """alpha > 0 with (M alpha)_t = 1 / alpha_t, for a `GramInput`.
+
+    Solved in beta = alpha * ||g|| (on the unit-gradient Gram matrix C, where
+    beta_t (C beta)_t = 1), by damped Newton on f(b) = b^T C b / 2 - sum log b.
+    """
+    num_tasks = gram.num_tasks
+    dtype = gram.dtype
+    eps = gram.eps
+    corr = gram.correlation()  # identity rows for inactive tasks: beta_t = 1
+    eye = ops.eye(num_tasks, dtype=dtype)
+    corr = corr + eye * ops.where(gram.active, gram.const(epsilon), 0.0)
+    abs_corr = ops.abs(corr)
+    steps = ops.power(gram.const(0.5), ops.arange(LINE_SEARCH_STEPS, dtype=dtype))
+
+    def objective(b):  # (..., T) -> (...)
+        return 0.5 * ops.sum(b * ops.matmul(b, corr), axis=-1) - ops.sum(ops.log(b), axis=-1)
+
+    def newton(beta):
+        grad = ops.matmul(corr, beta) - 1.0 / beta
+        hessian = corr + ops.diag(1.0 / ops.square(beta))
+        direction = -ops.solve(hessian, grad)
+        decrement = -ops.sum(grad * direction)
+        return direction, decrement
+
+    def cond(beta, decrement, previous):
+        # Stop at convergence, or when rounding noise stalls the quadratic
+        # convergence of the decrement.
+        noise = eps * ops.sum(ops.matmul(abs_corr, beta) * beta + 1.0)
+        stalled = (previous < 1e-4) & (decrement > 0.25 * previous)
+        return (decrement > eps * noise) & ~stalled
+
+    def body(beta, last_decrement, previous):
+        direction, decrement = newton(beta)
+        # Longest step keeping beta > 0, then halvings of min(1, 0.99 of it).
+        shrinking = direction < 0
+        ratio = ops.where(shrinking, beta / ops.where(shrinking, -direction, 1.0), np.inf)
+        longest = solvers._minimum(0.99 * ops.min(ratio), gram.const(1.0))
+        candidates = beta[None, :] + (longest * steps)[:, None] * direction[None, :]
+        values = objective(candidates)
+        values = ops.where(ops.isfinite(values), values, np.inf)
+        best = solvers._argmin(values)
+        searched = ops.take(candidates, best, axis=0)
+        full = beta + direction
+        take_full = (decrement < FULL_STEP_DECREMENT) & ops.all(full > 0)
+        moved = ops.where(take_full, full, searched)
+        moved = ops.where(ops.all(ops.isfinite(moved)), moved, beta)
+        return moved, decrement, last_decrement
+
+    # Start on the ray through 1 at its best point: (1^T C 1) s^2 = T.
+    total = solvers._maximum(ops.sum(corr), gram.const(eps))
+    start = ops.sqrt(num_tasks / total) * ops.ones((num_tasks,), dtype=dtype)
+    inf = gram.const(np.inf)
+    beta, _, _ = ops.while_loop(cond, body, (start, inf, inf), maximum_iterations=max_iters)
+    alpha = beta / gram.norms() / ops.sqrt(gram.scale)
+    return ops.where(gram.active, alpha, 0.0)
