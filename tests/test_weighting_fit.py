@@ -1,0 +1,161 @@
+"""Every weighting trains a held-out 3-task model (regression, multi-class,
+binary heads) through `fit` on the active backend, logs finite weights,
+lowers the losses and round-trips through `.keras` with its state."""
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mgda as km
+
+TASKS = ("reg", "cls", "bin")
+
+
+def _methods():
+    found = []
+    for name, value in sorted(vars(km.weighting).items()):
+        if (
+            inspect.isclass(value)
+            and issubclass(value, km.weighting.Weighting)
+            and value is not km.weighting.Weighting
+            and not name.startswith("_")
+        ):
+            found.append(name)
+    return found
+
+
+def _make(name):
+    cls = getattr(km.weighting, name)
+    if name == "Static":
+        return cls({"reg": 0.5, "cls": 0.3, "bin": 0.2})
+    return cls()
+
+
+def _model(weighting, seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((8,), name="features")
+    h = keras.layers.Dense(24, activation="relu", name="trunk")(x)
+    z = keras.layers.Dense(16, activation="relu", name="shared")(h)
+    reg = keras.layers.Dense(1, name="reg")(z)
+    cls = keras.layers.Dense(3, name="cls")(keras.layers.Dense(8, activation="relu")(z))
+    binary = keras.layers.Dense(1, name="bin")(z)
+    model = km.MultiTaskModel(
+        x, {"reg": reg, "cls": cls, "bin": binary}, weighting=weighting
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(5e-3),
+        loss={
+            "reg": "mse",
+            "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "bin": keras.losses.BinaryCrossentropy(from_logits=True),
+        },
+    )
+    return model
+
+
+def _data(n=192, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = {
+        "reg": (x[:, :1] - 0.5 * x[:, 1:2]).astype("float32"),
+        "cls": np.argmax(x[:, 2:5], axis=1).astype("int32"),
+        "bin": (x[:, 5:6] + x[:, 6:7] > 0).astype("float32"),
+    }
+    return x, y
+
+
+def test_every_method_is_listed():
+    names = set(_methods())
+    for name in ("MGDA", "Uniform", "Static", "Uncertainty", "GradNorm", "DWA", "LBTW", "DTP"):
+        assert name in names
+
+
+@pytest.mark.parametrize("name", _methods())
+def test_method_trains_through_fit_and_round_trips(name, tmp_path):
+    model = _model(_make(name))
+    x, y = _data()
+    history = model.fit(x, y, epochs=4, batch_size=32, verbose=0).history
+    for task in TASKS:
+        alphas = np.asarray(history[f"{task}_alpha"])
+        assert np.all(np.isfinite(alphas)), (task, alphas)
+    per_task = sum(np.asarray(history[f"{task}_loss"]) for task in TASKS)
+    assert per_task[-1] < per_task[0], per_task
+    assert history["skipped_steps"][-1] == 0
+
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.weighting) is type(model.weighting)
+    assert loaded.weighting.get_config() == model.weighting.get_config()
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    state = [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weighting.variables]
+    loaded_state = [
+        np.asarray(keras.ops.convert_to_numpy(v)) for v in loaded.weighting.variables
+    ]
+    assert len(state) == len(loaded_state)
+    for a, b in zip(state, loaded_state):
+        np.testing.assert_array_equal(a, b)
+    # Training goes on from the loaded state.
+    more = loaded.fit(x, y, epochs=1, batch_size=32, verbose=0).history
+    assert np.isfinite(more["loss"][-1])
+
+
+def test_uncertainty_learns_its_log_variances_in_fit():
+    model = _model(km.weighting.Uncertainty())
+    x, y = _data()
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    log_variances = keras.ops.convert_to_numpy(model.weighting.log_variances)
+    assert np.all(np.abs(log_variances) > 1e-3), log_variances
+    weights = keras.ops.convert_to_numpy(
+        model.weighting(keras.ops.ones((3,), "float32"))
+    )
+    np.testing.assert_allclose(weights, 0.5 * np.exp(-log_variances), rtol=1e-5)
+
+
+def test_gradnorm_moves_weight_away_from_the_task_with_the_largest_gradient():
+    """The regression loss is scaled by 100 (loss_weights), so its gradient
+    dwarfs the others: GradNorm lowers its weight, keeping the sum at T."""
+    model = _model(km.weighting.GradNorm(alpha=1.5))
+    model.compile(
+        optimizer=keras.optimizers.Adam(2e-2),
+        loss={
+            "reg": "mse",
+            "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "bin": keras.losses.BinaryCrossentropy(from_logits=True),
+        },
+        loss_weights={"reg": 100.0, "cls": 1.0, "bin": 1.0},
+    )
+    x, y = _data()
+    history = model.fit(x, y, epochs=3, batch_size=32, verbose=0).history
+    final = np.array([history[f"{task}_alpha"][-1] for task in TASKS])
+    np.testing.assert_allclose(final.sum(), 3.0, rtol=1e-4)
+    assert final[0] < 0.9 < min(final[1], final[2]), final
+
+
+def test_dwa_weights_change_after_two_epochs_in_fit():
+    model = _model(km.weighting.DWA())
+    x, y = _data()
+    history = model.fit(x, y, epochs=4, batch_size=32, verbose=0).history
+    weights = np.array([history[f"{task}_alpha"] for task in TASKS])  # (T, epochs)
+    np.testing.assert_allclose(weights[:, :2], 1.0)
+    np.testing.assert_allclose(weights.sum(axis=0), 3.0, rtol=1e-5)
+    assert np.any(np.abs(weights[:, 2:] - 1.0) > 1e-4)
+
+
+def test_skipped_step_leaves_the_weighting_state_untouched():
+    model = _model(km.weighting.DWA())
+    model.on_nonfinite = "skip"
+    x, y = _data(32)
+    model.train_on_batch(x, y)
+    sums = keras.ops.convert_to_numpy(model.weighting.loss_sums).copy()
+    assert np.all(sums > 0)
+    bad_y = dict(y, reg=np.full_like(y["reg"], np.nan))
+    logs = model.train_on_batch(x, bad_y, return_dict=True)
+    assert logs["skipped_steps"] == 1
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.weighting.loss_sums), sums
+    )
+    assert float(keras.ops.convert_to_numpy(model.weighting.step_count)) == 1.0
