@@ -9,6 +9,10 @@ from keras_mgda import metrics
 from keras_mgda import models
 from keras_mgda import solvers
 from keras_mgda import weighting
+from keras_mgda.baselines import grid_search
+from keras_mgda.baselines import simplex_grid
+from keras_mgda.baselines import single_task_model
+from keras_mgda.baselines import single_task_models
 from keras_mgda.model import MGDAModel
 from keras_mgda.model import MultiTaskModel
 
