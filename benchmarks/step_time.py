@@ -8,7 +8,8 @@ test). The backend comes from KERAS_BACKEND.
 
 Usage:
     KERAS_BACKEND=tensorflow python benchmarks/step_time.py --tasks 2 40
-    python benchmarks/step_time.py --method uniform --tasks 2 --repeats 7
+    python benchmarks/step_time.py --method uniform pcgrad --tasks 2 --repeats 7
+    python benchmarks/step_time.py --method all --tasks 2 40 --output out/methods.jsonl
 """
 
 import argparse
@@ -20,11 +21,27 @@ import numpy as np
 
 import keras_mgda as km
 
-METHODS = {
-    "mgda": lambda: km.weighting.MGDA(),
-    "mgda-parameters": lambda: km.weighting.MGDA(mode="parameters"),
-    "uniform": lambda: km.weighting.Uniform(),
-}
+def _methods():
+    """Every weighting by lowercase name, plus MGDA's parameter-space mode."""
+    methods = {}
+    for name, value in vars(km.weighting).items():
+        if (
+            isinstance(value, type)
+            and issubclass(value, km.weighting.Weighting)
+            and value is not km.weighting.Weighting
+        ):
+            methods[name.lower()] = value
+    methods["mgda-parameters"] = lambda: km.weighting.MGDA(mode="parameters")
+    return methods
+
+
+METHODS = _methods()
+
+
+def make_weighting(method, num_tasks):
+    if method == "static":
+        return km.weighting.Static([1.0] * num_tasks)
+    return METHODS[method]()
 
 
 def lenet(num_tasks, model_class=keras.Model, **kwargs):
@@ -67,7 +84,7 @@ def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0):
     y = {f"task_{t}": rng.integers(0, 10, size=(n,)).astype("int32") for t in range(num_tasks)}
 
     plain = lenet(num_tasks)
-    ours = lenet(num_tasks, km.MultiTaskModel, weighting=METHODS[method]())
+    ours = lenet(num_tasks, km.MultiTaskModel, weighting=make_weighting(method, num_tasks))
     ours.set_weights(plain.get_weights())
     for model in (plain, ours):
         _compile(model, num_tasks, jit_compile)
@@ -95,7 +112,10 @@ def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 40])
-    parser.add_argument("--method", choices=sorted(METHODS), default="mgda")
+    parser.add_argument(
+        "--method", nargs="+", default=["mgda"], choices=sorted(METHODS) + ["all"],
+        help="one or more weightings by lowercase name, or 'all'",
+    )
     parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
@@ -103,13 +123,15 @@ def main():
     parser.add_argument("--output", help="append JSON lines here")
     args = parser.parse_args()
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
-    for num_tasks in args.tasks:
-        result = measure(num_tasks, args.method, args.steps, args.batch_size, args.repeats, jit)
-        line = json.dumps(result)
-        print(line, flush=True)
-        if args.output:
-            with open(args.output, "a") as f:
-                f.write(line + "\n")
+    methods = sorted(METHODS) if "all" in args.method else args.method
+    for method in methods:
+        for num_tasks in args.tasks:
+            result = measure(num_tasks, method, args.steps, args.batch_size, args.repeats, jit)
+            line = json.dumps(result)
+            print(line, flush=True)
+            if args.output:
+                with open(args.output, "a") as f:
+                    f.write(line + "\n")
 
 
 if __name__ == "__main__":
