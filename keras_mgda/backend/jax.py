@@ -165,13 +165,23 @@ def train_step(model, state, data):
         (task_losses, extra), loss_vjp, aux = jax.vjp(loss_fn, ys, trainable_values, has_aux=True)
         scale = loss_scale.astype(task_losses.dtype)
         zero_extra = jnp.zeros_like(extra)
-        one_hot = jnp.eye(num_tasks, dtype=task_losses.dtype) * scale
-        # dL_t/dy for every task at once: the losses are cheap elementwise
-        # functions of the outputs.
-        output_cotangents = jax.vmap(lambda c: loss_vjp((c, zero_extra))[0])(one_hot)
+        output_indices = model._task_output_indices()
+        if len(set(output_indices)) == len(output_indices):
+            # Each output feeds one task: one vjp of the summed losses gives
+            # every dL_t/dy_t (a vmap over one-hot cotangents would compute
+            # all T x T blocks, T - 1 of every T of them zeros).
+            summed = jnp.full((num_tasks,), scale, dtype=task_losses.dtype)
+            per_output = loss_vjp((summed, zero_extra))[0]
+            task_cotangents = [per_output[i] for i in output_indices]
+        else:
+            one_hot = jnp.eye(num_tasks, dtype=task_losses.dtype) * scale
+            # dL_t/dy for every task at once: the losses are cheap
+            # elementwise functions of the outputs.
+            stacked = jax.vmap(lambda c: loss_vjp((c, zero_extra))[0])(one_hot)
+            task_cotangents = [stacked[i][t] for t, i in enumerate(output_indices)]
         jac_z, jac_params = [], []
-        for t, output_index in enumerate(model._task_output_indices()):
-            dz, dparams = head_vjps[output_index](output_cotangents[output_index][t])
+        for t, output_index in enumerate(output_indices):
+            dz, dparams = head_vjps[output_index](task_cotangents[t])
             jac_z.append(dz)
             jac_params.append(dparams)
         per_task_z = jnp.stack(jac_z)
