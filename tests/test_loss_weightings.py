@@ -272,3 +272,15 @@ def test_config_round_trip(weighting):
     restored = keras.saving.deserialize_keras_object(config)
     assert type(restored) is type(weighting)
     assert restored.get_config() == weighting.get_config()
+
+
+def test_a_weighting_that_skips_the_base_init_gets_a_clear_error():
+    class Forgetful(km.weighting.Weighting):
+        def __init__(self):
+            pass
+
+        def call(self, losses, gram=None):
+            return losses
+
+    with pytest.raises(TypeError, match="super\\(\\).__init__"):
+        km.weighting.get(Forgetful())

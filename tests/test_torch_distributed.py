@@ -37,6 +37,7 @@ class _ScaleDependent(km.weighting.Weighting):
     requires_gram = True
 
     def __init__(self, gradient_space="representation"):
+        super().__init__()
         self.gradient_space = gradient_space
 
     def call(self, losses, gram=None):

@@ -153,6 +153,20 @@ def _grad_or_zeros(output, source):
     return torch.zeros_like(source) if grad is None else grad
 
 
+def _unique(variables):
+    seen, unique = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            unique.append(v)
+    return unique
+
+
+def _restore(variables, saved):
+    for v, old in zip(variables, saved):
+        v.assign(old)
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     model._ensure_tasks(data)
@@ -164,7 +178,14 @@ def train_step(model, data):
     trainable = model.trainable_variables
     needs_gram = weighting.requires_gram
     in_parameters = needs_gram and weighting.gradient_space == "parameters"
-    protected = step.state_to_protect(model)
+    # Eager, so the metrics are simply not updated on a skipped step; only
+    # the state that the forward pass, the compiled loss's per-output
+    # trackers and the weighting change before the decision needs a copy.
+    loss_trackers = [m for m in getattr(model._compile_loss, "metrics", []) if m]
+    protected = _unique(
+        list(model.non_trainable_variables)
+        + [v for m in loss_trackers for v in m.variables]
+    )
     saved = step.snapshot(protected)
     world = _world_size()
 
@@ -182,7 +203,6 @@ def train_step(model, data):
     loss = model._compute_loss(
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
-    model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
     task_loss_list = model._task_loss_list()
     task_losses = torch.stack(task_loss_list)
     extra = model._additional_loss()
@@ -244,7 +264,7 @@ def train_step(model, data):
     take_step = bool(step_ok)
 
     if not take_step and model.on_nonfinite == "raise":
-        step.restore_unless(step_ok, protected, saved)
+        _restore(protected, saved)
         bad = [
             name
             for name, ok in zip(model.task_names, per_task_ok.tolist())
@@ -291,7 +311,10 @@ def train_step(model, data):
             optimizer.apply(grads, trainable)
 
     weights = weights.detach()
-    model._update_task_trackers(weights, logged_ok)
-    model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    step.restore_unless(step_ok, protected, saved)
+    if take_step:
+        model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
+        model._update_task_trackers(weights, logged_ok)
+        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    else:
+        _restore(protected, saved)
     return model._train_logs(step_ok)

@@ -65,6 +65,7 @@ class Weighting(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_tasks = None
         self.task_names = None
+        self._weighting_initialized = True
 
     def build(self, num_tasks, task_names=None):
         """Creates the method's state for `num_tasks` tasks.
@@ -196,6 +197,11 @@ def get(identifier):
         raise TypeError(
             "`weighting` must be a keras_mgda.weighting.Weighting instance "
             f"such as keras_mgda.weighting.MGDA(); received {identifier!r}."
+        )
+    if not identifier.__dict__.get("_weighting_initialized", False):
+        raise TypeError(
+            f"{type(identifier).__name__}.__init__ must call "
+            "super().__init__(**kwargs): a Weighting is a Keras layer."
         )
     return identifier
 
