@@ -33,6 +33,8 @@ PyTorch, inside `tf.function` and `jax.jit`: loops have fixed shapes and an
 iteration cap, and there is no Python branching on tensor values.
 """
 
+import contextlib
+
 import numpy as np
 from keras import backend
 from keras import ops
@@ -48,6 +50,32 @@ DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
 # JOIN_NOISE times the rounding noise of (M a)_j; lower values chase noise on
 # inexact Gram matrices.
 JOIN_NOISE = 16.0
+
+
+@contextlib.contextmanager
+def op_namespace(namespace):
+    """Runs the solver's functions with another implementation of the
+    `keras.ops` functions they use (for example direct torch calls, which
+    skip Keras's per-op argument conversion in eager mode). Not thread-safe.
+
+    Args:
+        namespace: a module or object with the same functions as
+            `keras.ops` (see `keras_mgda/backend/torch_ops.py`).
+
+    Example:
+
+    ```python
+    with op_namespace(fast_ops):
+        alpha = min_norm(gram)
+    ```
+    """
+    global ops
+    previous = ops
+    ops = namespace
+    try:
+        yield
+    finally:
+        ops = previous
 
 
 def _float_dtype(x):

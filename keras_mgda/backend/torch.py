@@ -53,7 +53,9 @@ import torch
 import torch.distributed as dist
 from keras import ops
 
+from keras_mgda import solvers
 from keras_mgda import step
+from keras_mgda.backend import torch_ops
 
 # Gradients are all-reduced in buckets of at most this many elements.
 _BUCKET_ELEMENTS = 1 << 22
@@ -244,7 +246,8 @@ def train_step(model, data):
             # gradients of the mean of the processes' losses.
             losses32, gram = _all_reduce_mean([losses32, gram], world)
             gram = gram / world
-        weights = weighting(losses32, gram).detach()
+        with solvers.op_namespace(torch_ops):
+            weights = weighting(losses32, gram).detach()
         weighting_loss = weighting.loss(losses32, gram.detach())
         head_weights = weighting.head_weights(weights)
         losses_for_check = losses32
