@@ -129,17 +129,33 @@ def train_step(model, state, data):
         # Each output's head gets its own vjp, so that a task's backward
         # runs its own head only (a vjp of all heads at once would run every
         # head's backward for every task: T^2 head backwards).
-        ys, head_vjps = [], []
+        ys, head_vjps, head_indices = [], [], []
+        position = {id(v): i for i, v in enumerate(trainable)}
         for head in model._output_heads():
+            # Differentiate with respect to this head's own weights only: the
+            # others would come back as zeros to add, T times over.
+            indices = [position[id(v)] for v in head.trainable_variables]
+            own = [trainable[i] for i in indices]
 
-            def head_fn(z, tv, head=head, ntv=ntv):
-                mapping = list(zip(trainable, tv)) + list(zip(non_trainable, ntv))
+            own_set = set(indices)
+            others = [
+                (v, value)
+                for i, (v, value) in enumerate(zip(trainable, trainable_values))
+                if i not in own_set
+            ]
+
+            def head_fn(z, own_values, head=head, own=own, ntv=ntv, others=others):
+                mapping = (
+                    list(zip(own, own_values)) + others + list(zip(non_trainable, ntv))
+                )
                 y_out, scope = _scoped(mapping, lambda: head(z, training=True))
                 return y_out, _updated(scope, non_trainable, ntv)
 
-            y_out, head_vjp, ntv = jax.vjp(head_fn, z, trainable_values, has_aux=True)
+            own_values = [trainable_values[i] for i in indices]
+            y_out, head_vjp, ntv = jax.vjp(head_fn, z, own_values, has_aux=True)
             ys.append(y_out)
             head_vjps.append(head_vjp)
+            head_indices.append(indices)
 
         def loss_fn(ys, tv):
             y_pred = keras.tree.pack_sequence_as(model._outputs_struct, ys)
@@ -183,7 +199,7 @@ def train_step(model, state, data):
         for t, output_index in enumerate(output_indices):
             dz, dparams = head_vjps[output_index](task_cotangents[t])
             jac_z.append(dz)
-            jac_params.append(dparams)
+            jac_params.append((head_indices[output_index], dparams))
         per_task_z = jnp.stack(jac_z)
         if weighting.gradient_space == "parameters":
             jacobians = jax.vmap(lambda g: encoder_vjp(g)[0])(per_task_z)
@@ -197,8 +213,10 @@ def train_step(model, state, data):
         (grads,) = encoder_vjp(step.combine(weights, per_task_z))
         _, extra_grads = loss_vjp((jnp.zeros_like(task_losses), scale))
         grads = [g + e for g, e in zip(grads, extra_grads)]
-        for t, dparams in enumerate(jac_params):
-            grads = [g + (head_weights[t] * d).astype(g.dtype) for g, d in zip(grads, dparams)]
+        grads = list(grads)
+        for t, (indices, dparams) in enumerate(jac_params):
+            for i, d in zip(indices, dparams):
+                grads[i] = grads[i] + (head_weights[t] * d).astype(grads[i].dtype)
         if weighting_grads is not None:
             grads = [g + w.astype(g.dtype) for g, w in zip(grads, weighting_grads)]
         y_pred, loss, _, metrics_after_loss = aux
