@@ -1,0 +1,16 @@
+"""Wrapping a functional graph into the right multi-task model class."""
+
+from keras_mgda import weighting as weighting_lib
+from keras_mgda.model import MGDAModel
+from keras_mgda.model import MultiTaskModel
+
+
+def multi_task_model(inputs, outputs, weighting=None, name=None, **model_kwargs):
+    """An `MGDAModel` (weighting None or an MGDA instance, MGDA options in
+    `model_kwargs`) or a `MultiTaskModel` with the given weighting."""
+    if weighting is None:
+        return MGDAModel(inputs, outputs, name=name, **model_kwargs)
+    weighting = weighting_lib.get(weighting)
+    if isinstance(weighting, weighting_lib.MGDA):
+        return MGDAModel(inputs, outputs, weighting=weighting, name=name, **model_kwargs)
+    return MultiTaskModel(inputs, outputs, weighting=weighting, name=name, **model_kwargs)
