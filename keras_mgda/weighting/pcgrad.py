@@ -80,6 +80,8 @@ def surgery(gram, order):
     Returns:
         (T,) weights w with sum_i g_i^PC = sum_k w_k g_k.
     """
+    gram = ops.convert_to_tensor(gram)
+    order = ops.convert_to_tensor(order, dtype="int32")
     num_tasks = gram.shape[-1]
     dtype = gram.dtype
     diag = ops.diagonal(gram)

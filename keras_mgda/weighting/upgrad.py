@@ -104,17 +104,21 @@ def project_onto_dual_cone(gram, lower, max_rounds=None):
     Returns:
         (B, T) weights w.
     """
-    num_tasks = gram.shape[-1]
+    gram = ops.convert_to_tensor(gram)
     dtype = solvers._float_dtype(gram)
+    gram = ops.cast(gram, dtype)
+    lower = ops.cast(ops.convert_to_tensor(lower), dtype)
+    num_tasks = gram.shape[-1]
     eps = float(np.finfo(dtype).eps)
     delta = float(np.sqrt(eps))
     if max_rounds is None:
         max_rounds = 2 * num_tasks + 16
-    # Work in y = s * w with s_j = |g_j| (floored), where the matrix
-    # C = M / (s s^T) has a unit diagonal: the proximal term delta * I is then
-    # relative to each task's own scale.
+    # Work in y = s * w with s_j = |g_j|, where the matrix C = M / (s s^T)
+    # has a unit diagonal: the proximal term delta * I is then relative to
+    # each task's own scale, however tiny (floored only for zero gradients,
+    # whose rows of C are then 0).
     diag = ops.diagonal(gram)
-    scale = ops.sqrt(solvers._maximum(diag, solvers._const(eps * eps, gram)))
+    scale = ops.sqrt(solvers._maximum(diag, solvers._const(np.finfo(dtype).tiny, gram)))
     unit = gram / scale[:, None] / scale[None, :]
     abs_unit = ops.abs(unit)
     eye = ops.eye(num_tasks, dtype=dtype)
