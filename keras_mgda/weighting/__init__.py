@@ -11,3 +11,9 @@ from keras_mgda.weighting.gradnorm import GradNorm
 from keras_mgda.weighting.dwa import DWA
 from keras_mgda.weighting.lbtw import LBTW
 from keras_mgda.weighting.dtp import DTP
+from keras_mgda.weighting.pcgrad import PCGrad
+from keras_mgda.weighting.cagrad import CAGrad
+from keras_mgda.weighting.imtl import IMTLG
+from keras_mgda.weighting.nash_mtl import NashMTL
+from keras_mgda.weighting.aligned_mtl import AlignedMTL
+from keras_mgda.weighting.upgrad import UPGrad
