@@ -1,0 +1,249 @@
+"""The ready-made benchmark models build, find their shared representation,
+and train; the MultiMNIST LeNet learns real MNIST."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mgda as km
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+BACKEND = keras.backend.backend()
+# Tracing a ResNet's train step into a TF graph takes a minute on 2 CPU
+# cores, plain Keras included; one eager step takes seconds. On JAX both
+# jit and eager steps of ResNet-18 take about a minute here: those tests
+# are slow there.
+EAGER = {"run_eagerly": BACKEND == "tensorflow"}
+slow_on_jax = pytest.mark.slow if BACKEND == "jax" else (lambda f: f)
+
+
+def _weights(model):
+    return [np.array(keras.ops.convert_to_numpy(w)) for w in model.trainable_weights]
+
+
+def _changed(before, model):
+    return [not np.allclose(a, keras.ops.convert_to_numpy(b)) for a, b in zip(before, model.trainable_weights)]
+
+
+# MultiMNIST LeNet ------------------------------------------------------------
+
+
+def test_lenet_is_the_authors_network():
+    model = km.models.multi_mnist_lenet()
+    assert isinstance(model, km.MGDAModel)
+    assert model.encoder.layers[-1].name == "shared"  # found automatically
+    assert tuple(model.encoder.outputs[0].shape) == (None, 50)
+    assert sorted(model.output_names) == ["left", "right"]
+    assert model.get_layer("conv1").filters == 10 and model.get_layer("conv1").kernel_size == (5, 5)
+    assert model.get_layer("conv2").filters == 20 and model.get_layer("conv2").kernel_size == (5, 5)
+    # conv 260 + conv 5020 + fc 320->50 16050 + 2 heads x (50->50 2550 + 50->10 510)
+    assert model.count_params() == 260 + 5020 + 16050 + 2 * (2550 + 510)
+    logits = model.predict(np.zeros((3, 28, 28, 1), "float32"), verbose=0)
+    assert logits["left"].shape == (3, 10) and logits["right"].shape == (3, 10)
+
+
+def test_lenet_takes_any_weighting_and_mgda_options():
+    uniform = km.models.multi_mnist_lenet(weighting=km.weighting.Uniform())
+    assert type(uniform) is km.MultiTaskModel
+    assert isinstance(uniform.weighting, km.weighting.Uniform)
+    mgda = km.models.multi_mnist_lenet(normalization="l2", mode="parameters")
+    assert isinstance(mgda, km.MGDAModel)
+    assert mgda.weighting.normalization == "l2" and mgda.weighting.mode == "parameters"
+    mgda = km.models.multi_mnist_lenet(weighting=km.weighting.MGDA(normalization="none"))
+    assert isinstance(mgda, km.MGDAModel) and mgda.weighting.normalization == "none"
+    assert "conv2_dropout" not in [l.name for l in km.models.multi_mnist_lenet(dropout=0).layers]
+
+
+def _multi_mnist_arrays(split, limit):
+    from keras_mgda.datasets.multi_mnist import load_mnist_arrays, make_pairs, normalize
+
+    images, labels = load_mnist_arrays(split, str(MNIST))
+    canvases, left, right = make_pairs(images[:limit], labels[:limit], seed=0, split=split)
+    return normalize(canvases), {"left": left, "right": right}
+
+
+def _train_lenet(train_examples, batch_size):
+    keras.utils.set_random_seed(0)
+    x, y = _multi_mnist_arrays("train", train_examples)
+    x_test, y_test = _multi_mnist_arrays("test", 2000)
+    model = km.models.multi_mnist_lenet(dropout=0)
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        loss=SPARSE_CE,
+        metrics={"left": ["accuracy"], "right": ["accuracy"]},
+    )
+    history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
+    scores = model.evaluate(x_test, y_test, batch_size=500, verbose=0, return_dict=True)
+    return history, scores
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST not at {MNIST}")
+def test_lenet_learns_real_multi_mnist_quickly():
+    """192 MGDA-UB steps on 6144 real MultiMNIST images: far above chance
+    (10%) on 2000 test images. The full epoch is the slow test below."""
+    history, scores = _train_lenet(6144, 32)
+    assert scores["left_accuracy"] > 0.6 and scores["right_accuracy"] > 0.6, scores
+    alphas = np.array([history.history["left_alpha"][-1], history.history["right_alpha"][-1]])
+    assert np.isclose(alphas.sum(), 1.0, atol=1e-3) and np.all(alphas > 0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST not at {MNIST}")
+def test_lenet_reaches_good_accuracy_in_one_epoch_of_real_multi_mnist():
+    """One epoch of the 60000 real MultiMNIST training images (batch 64):
+    both digits above 88% on 2000 test images (measured: see
+    docs/benchmarks_paper.md)."""
+    _, scores = _train_lenet(60000, 64)
+    print("one-epoch accuracy", scores)
+    assert scores["left_accuracy"] > 0.88 and scores["right_accuracy"] > 0.88, scores
+
+
+# CelebA ResNet-18 ------------------------------------------------------------
+
+
+def test_celeba_resnet18_has_the_authors_shape():
+    model = km.models.celeba_resnet18()
+    assert isinstance(model, km.MGDAModel)
+    assert set(model.output_names) == set(km.datasets.CELEBA_ATTRIBUTES)
+    assert len(model.outputs) == 40
+    assert model.encoder.layers[-1].name == "shared"
+    assert tuple(model.encoder.outputs[0].shape) == (None, 2048)  # 2x2x512, as the authors
+    assert tuple(model.get_layer("Smiling").output.shape) == (None, 1)
+    # ResNet-18 for small images has 11,168,832 parameters; plus 40 heads of 2049.
+    assert model.count_params() == 11_168_832 + 40 * 2049 + _bn_stats(model)
+
+
+def _bn_stats(model):
+    """Non-trainable BatchNorm statistics counted by count_params."""
+    return sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+
+
+@slow_on_jax
+def test_celeba_resnet18_trains_a_step_with_40_tasks():
+    keras.utils.set_random_seed(1)
+    model = km.models.celeba_resnet18(input_shape=(32, 32, 3), width=4)
+    names = km.datasets.CELEBA_ATTRIBUTES
+    model.compile(
+        keras.optimizers.Adam(5e-4),
+        loss={n: keras.losses.BinaryCrossentropy(from_logits=True) for n in names},
+        metrics={n: [km.metrics.BinaryErrorRate()] for n in names[:2]},
+        **EAGER,
+    )
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(4, 32, 32, 3)).astype("float32")
+    y = {n: rng.integers(0, 2, size=(4, 1)).astype("float32") for n in names}
+    before = _weights(model)
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    alphas = [history.history[f"{n}_alpha"][0] for n in names]
+    assert np.isclose(sum(alphas), 1.0, atol=1e-3)
+    assert np.isfinite(history.history["loss"][0])
+    assert f"{names[0]}_error" in history.history
+    assert all(_changed(before, model)[:3])  # the stem moved
+
+
+# Cityscapes PSPNet ------------------------------------------------------------
+
+
+def test_cityscapes_pspnet_outputs_at_input_resolution():
+    model = km.models.cityscapes_pspnet(input_shape=(64, 96, 3))
+    assert isinstance(model, km.MGDAModel)
+    assert model.encoder.layers[-1].name == "conv5_block3_out"  # ResNet-50's last block
+    assert tuple(model.encoder.outputs[0].shape) == (None, 2, 3, 2048)
+    shapes = {name: tuple(t.shape) for name, t in zip(model.output_names, model.outputs)}
+    assert shapes == {
+        "segmentation": (None, 64, 96, 19),
+        "instance": (None, 64, 96, 2),
+        "disparity": (None, 64, 96, 1),
+    }
+    assert model.get_layer("segmentation_pool6").bins == 6
+
+
+def _tiny_backbone(x):
+    h = keras.layers.Conv2D(8, 3, strides=4, padding="same", activation="relu", name="tiny_1")(x)
+    return keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="tiny_2")(h)
+
+
+def _cityscapes_batch(height=32, width=48, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(batch, height, width, 3)).astype("float32")
+    segmentation = rng.integers(0, 19, (batch, height, width)).astype("int32")
+    segmentation[:, :3] = 255
+    instance = np.zeros((batch, height, width, 3), "float32")
+    instance[:, 4:12, 8:20] = [2.0, -3.0, 1.0]
+    disparity = rng.uniform(1, 40, (batch, height, width, 1)).astype("float32")
+    disparity[:, -4:] = 0.0
+    return x, {"segmentation": segmentation, "instance": instance, "disparity": disparity}
+
+
+def _compiled_tiny_pspnet(**kwargs):
+    model = km.models.cityscapes_pspnet(
+        input_shape=(32, 48, 3), backbone=_tiny_backbone, pool_scales=(1, 2), decoder_channels=8, **kwargs
+    )
+    model.compile(
+        keras.optimizers.Adam(5e-4),
+        loss=km.models.cityscapes_losses(),
+        metrics=km.models.cityscapes_metrics(),
+        **EAGER,
+    )
+    return model
+
+
+def test_cityscapes_pspnet_trains_a_step_and_reports_the_papers_metrics():
+    keras.utils.set_random_seed(2)
+    model = _compiled_tiny_pspnet()
+    assert model.encoder.layers[-1].name == "tiny_2"
+    x, y = _cityscapes_batch()
+    before = _weights(model)
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    logs = {k: v[-1] for k, v in history.history.items()}
+    for key in ("segmentation_mean_iou", "instance_instance_error", "disparity_disparity_error"):
+        assert np.isfinite(logs[key]), key
+    assert np.isclose(sum(logs[f"{t}_alpha"] for t in ("segmentation", "instance", "disparity")), 1.0, atol=1e-3)
+    assert all(_changed(before, model)[:2])
+    assert 0.0 <= logs["segmentation_mean_iou"] <= 1.0
+
+
+def test_cityscapes_pspnet_saves_and_loads(tmp_path):
+    model = _compiled_tiny_pspnet(weighting=km.weighting.Uniform())
+    x, y = _cityscapes_batch()
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    path = tmp_path / "pspnet.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    expected = model.predict(x, verbose=0)
+    got = loaded.predict(x, verbose=0)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4)
+    assert isinstance(loaded.weighting, km.weighting.Uniform)
+
+
+def test_adaptive_pooling_uses_pytorch_bins():
+    x = np.arange(2 * 5 * 7 * 3, dtype="float32").reshape(2, 5, 7, 3)
+    out = keras.ops.convert_to_numpy(km.models.AdaptiveAveragePooling(3)(x))
+    assert out.shape == (2, 3, 3, 3)
+    # PyTorch's rule: bin i covers [floor(i n / 3), ceil((i + 1) n / 3)).
+    rows = [(0, 2), (1, 4), (3, 5)]
+    cols = [(0, 3), (2, 5), (4, 7)]
+    for i, (top, bottom) in enumerate(rows):
+        for j, (left, right) in enumerate(cols):
+            np.testing.assert_allclose(out[:, i, j], x[:, top:bottom, left:right].mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_imagenet_preprocessing_matches_keras_applications():
+    images = np.random.default_rng(0).uniform(size=(2, 4, 4, 3)).astype("float32")
+    ours = keras.ops.convert_to_numpy(km.models.ImageNetCaffePreprocessing()(images))
+    reference = keras.applications.resnet50.preprocess_input(images * 255.0)
+    np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(reference), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_cityscapes_pspnet_with_resnet50_trains_a_step():
+    keras.utils.set_random_seed(3)
+    model = km.models.cityscapes_pspnet(input_shape=(64, 64, 3), pool_scales=(1, 2), decoder_channels=16)
+    model.compile(keras.optimizers.Adam(5e-4), loss=km.models.cityscapes_losses(), metrics=km.models.cityscapes_metrics())
+    x, y = _cityscapes_batch(64, 64)
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
