@@ -148,9 +148,15 @@ def train_step(model, data):
         # Each replica's losses are its local means pre-scaled by 1/R, so
         # their sum is the global mean: every replica weighs the same tasks.
         global_losses = _all_reduce_sum(ops.cast(task_losses, "float32"))
-        with tf.GradientTape() as weighting_tape:
+        weighting_loss = None
+        if weighting_vars:
+            with tf.GradientTape() as weighting_tape:
+                weights = tf.stop_gradient(weighting(global_losses, gram))
+                weighting_loss = _weighting_loss(weighting, global_losses, gram)
+        else:
+            # No tape around the solver: a tape over its while loops would
+            # make TF keep every iteration's values for a backward pass.
             weights = tf.stop_gradient(weighting(global_losses, gram))
-            weighting_loss = _weighting_loss(weighting, global_losses, gram)
         head_weights = weighting.head_weights(weights)
 
         # The encoder's one backward, with the cotangent sum_t w_t dL_t/dZ.
