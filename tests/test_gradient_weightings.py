@@ -205,6 +205,8 @@ def test_method_specific_options_raise():
         CAGrad(c=-1.0)
     with pytest.raises(ValueError, match="min"):
         AlignedMTL(scale_mode="max")
+    with pytest.raises(ValueError, match="epsilon"):
+        NashMTL(epsilon=0.0)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

@@ -13,9 +13,9 @@ RESCALES = (0, 1, 2)
 # Root finding on t (see `CAGrad`): ROUNDS rounds of POINTS interior points
 # (all solved at once by min_norm), in a log2 bracket SPAN wide above the
 # smallest possible root, which shrinks (POINTS + 1)**ROUNDS = 65536-fold,
-# to 1/1600 of an octave; then interpolation along the solution path (exact unless the
-# support changes inside the bracket), by BISECTIONS halvings. Small batches
-# are faster than few rounds: min_norm loops until its slowest problem ends.
+# to 1/1600 of an octave; then interpolation along the solution path (exact
+# unless the support changes inside the bracket), by BISECTIONS halvings.
+# Small batches beat few rounds: min_norm loops until its slowest problem ends.
 POINTS = 15
 ROUNDS = 4
 SPAN = 40.0
@@ -67,9 +67,10 @@ class CAGrad(GradientWeighting):
     exactly zero are left out of the dual problem.
 
     Args:
-        c: the radius of the ball, relative to ||g0|| (the paper's c; 0.4
-            is its choice for NYUv2 and Cityscapes). 0 gives the average
-            gradient; large c approaches MGDA.
+        c: the radius of the ball, relative to ||g0|| (the paper's c,
+            default 0.4 as in the paper). 0 gives the average gradient;
+            large c turns d towards MGDA's direction; for c >= 1 the ball
+            holds the origin, so no task loss increases to first order.
         rescale: 0, 1 or 2, the final division (none, 1 + c^2, 1 + c).
         mode: `"representation"` (gradients with respect to the shared
             representation Z, cheap) or `"parameters"` (with respect to the

@@ -66,7 +66,7 @@ class NashMTL(GradientWeighting):
         head_update: `"scaled"` (heads get alpha_t times their gradient, as
             in the paper) or `"full"` (heads get their own gradients).
         max_iters: cap on the Newton iterations.
-        epsilon: the relative ridge (see above).
+        epsilon: the relative ridge (see above), > 0.
         **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
 
     Returns:
@@ -90,6 +90,11 @@ class NashMTL(GradientWeighting):
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
+        if not epsilon > 0:
+            raise ValueError(
+                f"epsilon must be > 0 (it keeps alpha finite where no bargaining "
+                f"solution exists), got {epsilon!r}."
+            )
         self.max_norm = max_norm
         self.max_iters = int(max_iters)
         self.epsilon = float(epsilon)
