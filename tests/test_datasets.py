@@ -2,6 +2,7 @@
 Cityscapes on mocked tensorflow-datasets and small files made here."""
 
 import importlib
+import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def mnist():
 def _authors_canvas(left, right):
     """The authors' image, built the way their loader does: a 36x36 canvas,
     maximum where the digits overlap, then PIL's nearest resize to 28x28."""
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     canvas = np.zeros((36, 36), dtype=np.uint8)
     for y in range(28):
@@ -40,7 +41,7 @@ def _authors_canvas(left, right):
     for y in range(28):
         for x in range(28):
             canvas[y + 6, x + 6] = max(canvas[y + 6, x + 6], right[y, x])
-    return np.asarray(Image.fromarray(canvas, mode="L").resize((28, 28), Image.NEAREST))
+    return np.asarray(Image.fromarray(canvas).resize((28, 28), Image.NEAREST))
 
 
 # MultiMNIST -------------------------------------------------------------
@@ -331,3 +332,63 @@ def test_cityscapes_without_the_instance_archive_says_what_to_download(tmp_path)
         km.datasets.cityscapes("train", manual_dir=str(tmp_path))
     with pytest.raises(ValueError, match="splits"):
         km.datasets.cityscapes("everything", manual_dir=str(tmp_path))
+
+
+# The README's main command ------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load_example(name):
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module
+
+
+def test_multi_mnist_example_falls_back_to_bundled_digits(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    example = _load_example("multi_mnist")
+    monkeypatch.setattr(example, "KERAS_CACHE", str(tmp_path / "no_mnist.npz"))
+    monkeypatch.setattr(example, "_can_reach", lambda *a, **k: False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    source, description = example.choose_source(None)
+    notice = capsys.readouterr().out
+    assert source == "digits" and "scikit-learn" in description
+    assert len(notice.strip().splitlines()) == 1 and "not the paper's data" in notice
+    assert example.choose_source(str(MNIST))[0] == str(MNIST)
+
+
+def test_multi_mnist_example_writes_results_and_history(tmp_path):
+    pytest.importorskip("sklearn")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(EXAMPLES / "multi_mnist.py"), "--data", "digits", "--epochs", "2",
+        "--train-examples", "512", "--test-examples", "128", "--batch-size", "256",
+        "--output", str(out), "--verbose", "2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "mgda" and results["settings"]["epochs"] == 2
+    assert set(results["scores"]) == {"left", "right"}
+    assert 0.0 <= results["scores"]["left"] <= 1.0
+    assert abs(sum(results["last_epoch_task_weights"].values()) - 1.0) < 1e-3
+    history = (out / "history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    assert len(history) == 3  # header + 2 epochs
+    for column in ("left_alpha", "right_alpha", "val_left_accuracy", "learning_rate"):
+        assert column in header, header
+    assert "test accuracy: left" in done.stdout
