@@ -157,6 +157,31 @@ class Weighting(keras.layers.Layer):
             aggregation="only_first_replica",
         )
 
+    def _saved_variables(self):
+        # Seed generators' states too: a random method (PCGrad) resumes its
+        # sequence of draws after loading instead of restarting it.
+        return (
+            list(self._trainable_variables)
+            + list(self._non_trainable_variables)
+            + [generator.state for generator in self._seed_generators]
+        )
+
+    def save_own_variables(self, store):
+        for index, variable in enumerate(self._saved_variables()):
+            store[f"{index}"] = variable
+
+    def load_own_variables(self, store):
+        variables = self._saved_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"The saved state of weighting {self.name!r} has "
+                f"{len(store.keys())} variables but {type(self).__name__} "
+                f"built for {self.num_tasks} tasks has {len(variables)}: "
+                "the file was saved with another method or version."
+            )
+        for index, variable in enumerate(variables):
+            variable.assign(store[f"{index}"])
+
     def get_config(self):
         return {}
 
