@@ -317,7 +317,7 @@ def train_step(model, data):
     if take_step:
         model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
         model._update_task_trackers(weights, logged_ok)
-        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        model._update_metrics(x, y, y_pred, sample_weight)
     else:
         _restore(protected, saved)
     return model._train_logs(step_ok)
