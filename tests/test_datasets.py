@@ -6,6 +6,7 @@ import importlib.util
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -365,6 +366,12 @@ def test_multi_mnist_example_falls_back_to_bundled_digits(monkeypatch, tmp_path,
     assert example.choose_source(str(MNIST))[0] == str(MNIST)
 
 
+# A subprocess that imports the backend and jit-compiles LeNet: about 30 s
+# on JAX on 2 CPU cores, so slow there (the README runs it on TensorFlow).
+_slow_on_jax = pytest.mark.slow if keras.backend.backend() == "jax" else (lambda f: f)
+
+
+@_slow_on_jax
 def test_multi_mnist_example_writes_results_and_history(tmp_path):
     pytest.importorskip("sklearn")
     import json
