@@ -23,14 +23,7 @@ import keras_mgda as km
 
 def _methods():
     """Every weighting by lowercase name, plus MGDA's parameter-space mode."""
-    methods = {}
-    for name, value in vars(km.weighting).items():
-        if (
-            isinstance(value, type)
-            and issubclass(value, km.weighting.Weighting)
-            and value is not km.weighting.Weighting
-        ):
-            methods[name.lower()] = value
+    methods = dict(km.weighting.by_name())
     methods["mgda-parameters"] = lambda: km.weighting.MGDA(mode="parameters")
     return methods
 

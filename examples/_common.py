@@ -23,15 +23,7 @@ SINGLE = "single"
 
 def weighting_classes():
     """Every weighting of `keras_mgda.weighting`, by lowercase class name."""
-    classes = {}
-    for name, value in vars(km.weighting).items():
-        if (
-            isinstance(value, type)
-            and issubclass(value, km.weighting.Weighting)
-            and value is not km.weighting.Weighting
-        ):
-            classes[name.lower()] = value
-    return classes
+    return km.weighting.by_name()
 
 
 def method_names():

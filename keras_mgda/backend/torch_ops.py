@@ -70,24 +70,23 @@ def min(x, axis=None, keepdims=False):  # noqa: A001
     return _reduce(torch.amin, x, axis, keepdims)
 
 
-def all(x, axis=None, keepdims=False):  # noqa: A001
+def _reduce_bool(fn, x, axis, keepdims):
+    # torch.all/any take one dim at a time.
     x = x.to(torch.bool)
     if axis is None:
-        out = torch.all(x)
+        out = fn(x)
         return out.reshape([1] * x.dim()) if keepdims else out
     for dim in sorted(_normalize_axes(axis, x.dim()), reverse=True):
-        x = torch.all(x, dim=dim, keepdim=keepdims)
+        x = fn(x, dim=dim, keepdim=keepdims)
     return x
+
+
+def all(x, axis=None, keepdims=False):  # noqa: A001
+    return _reduce_bool(torch.all, x, axis, keepdims)
 
 
 def any(x, axis=None, keepdims=False):  # noqa: A001
-    x = x.to(torch.bool)
-    if axis is None:
-        out = torch.any(x)
-        return out.reshape([1] * x.dim()) if keepdims else out
-    for dim in sorted(_normalize_axes(axis, x.dim()), reverse=True):
-        x = torch.any(x, dim=dim, keepdim=keepdims)
-    return x
+    return _reduce_bool(torch.any, x, axis, keepdims)
 
 
 def _normalize_axes(axis, ndim):

@@ -2,6 +2,7 @@
 gradients) in, one weight per task out."""
 
 from keras_mgda.weighting.base import Weighting
+from keras_mgda.weighting.base import by_name
 from keras_mgda.weighting.base import get
 from keras_mgda.weighting.mgda import MGDA
 from keras_mgda.weighting.uniform import Uniform

@@ -231,6 +231,31 @@ def get(identifier):
     return identifier
 
 
+def by_name():
+    """Every public weighting class of `keras_mgda.weighting`, keyed by its
+    lowercase class name (for command-line flags and benchmarks).
+
+    Returns:
+        A dict {"mgda": MGDA, "uniform": Uniform, ...}.
+
+    Example:
+
+    ```python
+    weighting = keras_mgda.weighting.by_name()["pcgrad"]()
+    ```
+    """
+    from keras_mgda import weighting as package
+
+    return {
+        name.lower(): value
+        for name, value in vars(package).items()
+        if isinstance(value, type)
+        and issubclass(value, Weighting)
+        and value is not Weighting
+        and not name.startswith("_")
+    }
+
+
 def per_task_values(values, num_tasks, task_names, what):
     """Resolves a per-task option (a list in task order, or a dict keyed by
     task name) to a list of `num_tasks` values.
