@@ -31,6 +31,43 @@ class _RecordingLoss:
         return getattr(self.loss_fn, name)
 
 
+class _TaskWeightsMean(keras.metrics.Metric):
+    """The mean of each task's weight over the steps whose weights are
+    finite, logged as `<task>_alpha`. One (T,) sum instead of T `Mean`
+    metrics: a step then updates two variables whatever the number of
+    tasks (T metrics cost about 5 ms per step with 40 tasks in eager
+    torch)."""
+
+    def __init__(self, task_names):
+        super().__init__(name="task_weights", dtype="float32")
+        self.task_names = list(task_names)
+        self.total = self.add_variable(
+            shape=(len(self.task_names),),
+            initializer="zeros",
+            dtype=self.dtype,
+            aggregation="sum",
+            name="total",
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, aggregation="sum", name="count"
+        )
+
+    def update_state(self, weights, finite):
+        weights = keras.ops.cast(weights, self.dtype)
+        self.total.assign_add(
+            keras.ops.where(finite, weights, keras.ops.zeros_like(weights))
+        )
+        self.count.assign_add(keras.ops.cast(finite, self.dtype))
+
+    def result_names(self):
+        return [f"{name}_alpha" for name in self.task_names]
+
+    def result(self):
+        means = keras.ops.divide_no_nan(self.total, self.count)
+        values = keras.ops.unstack(means, num=len(self.task_names))
+        return dict(zip(self.result_names(), values))
+
+
 class _Parts:
     """Helper sub-models and per-compile state, kept out of Keras tracking so
     that `.keras` files hold exactly the user's model."""
@@ -42,7 +79,7 @@ class _Parts:
         self.task_names = None
         self.task_weights = None  # loss_weights, one per task
         self.recorded = {}
-        self.alpha_trackers = []
+        self.alpha_tracker = None
         self.skipped_tracker = None
         self.compile_loss = None
         self.logging_task_weights = False
@@ -163,8 +200,9 @@ class MultiTaskModel(keras.Model):
         if self._tasks_ready() and not self._parts.logging_task_weights:
             # Task weights exist only in training: keep them out of
             # `evaluate` and the `val_` logs.
-            for tracker in self._task_trackers():
-                results.pop(tracker.name, None)
+            for key in self._parts.alpha_tracker.result_names():
+                results.pop(key, None)
+            results.pop(self._parts.skipped_tracker.name, None)
         return results
 
     def _tasks_ready(self):
@@ -176,7 +214,7 @@ class MultiTaskModel(keras.Model):
         )
 
     def _task_trackers(self):
-        return self._parts.alpha_trackers + [self._parts.skipped_tracker]
+        return [self._parts.alpha_tracker, self._parts.skipped_tracker]
 
     def _train_logs(self, step_taken):
         """Counts a skipped step and returns the logs of the train step:
@@ -255,9 +293,7 @@ class MultiTaskModel(keras.Model):
             1.0 if entry.loss_weights is None else entry.loss_weights
             for entry in flat_losses
         ]
-        parts.alpha_trackers = [
-            keras.metrics.Mean(name=f"{name}_alpha") for name in parts.task_names
-        ]
+        parts.alpha_tracker = _TaskWeightsMean(parts.task_names)
         parts.skipped_tracker = keras.metrics.Sum(name="skipped_steps")
         parts.compile_loss = compile_loss
         self._build_weighting(len(parts.task_names))
@@ -328,10 +364,7 @@ class MultiTaskModel(keras.Model):
     def _update_task_trackers(self, weights, finite):
         """Logs each task's weight, ignoring steps whose weights are not
         finite."""
-        finite_f = keras.ops.cast(finite, "float32")
-        safe = keras.ops.where(finite, weights, keras.ops.zeros_like(weights))
-        for index, tracker in enumerate(self._parts.alpha_trackers):
-            tracker.update_state(safe[index], sample_weight=finite_f)
+        self._parts.alpha_tracker.update_state(weights, finite)
 
     def nonfinite_message(self):
         return (

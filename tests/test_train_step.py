@@ -223,3 +223,54 @@ def test_uniform_is_the_mean_of_task_losses():
     np.testing.assert_allclose(after["trunk/0"], expected, rtol=1e-5, atol=1e-7)
     expected = before["b/0"] - LEARNING_RATE * head_grads[1]["b/0"] / 3
     np.testing.assert_allclose(after["b/0"], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch step paths")
+@pytest.mark.parametrize("head_update", ["scaled", "full"])
+@pytest.mark.parametrize("mode", ["representation", "parameters"])
+def test_torch_one_backward_heads_match_per_task_backwards(monkeypatch, head_update, mode):
+    """The torch step takes every dL_t/dZ from one backward when the heads
+    share nothing; it must update every weight as the per-task backwards
+    (its fallback for heads that share layers) do."""
+    from keras_mgda.backend import torch as torch_step
+
+    x, y = _data()
+    results = []
+    for separable in (True, False):
+        weighting = km.weighting.MGDA(mode=mode, head_update=head_update)
+        model = _build(weighting)
+        if not separable:
+            monkeypatch.setattr(torch_step, "_separable_heads", lambda model: None)
+        logs = model.train_on_batch(x, y, return_dict=True)
+        if separable:
+            assert torch_step._separable_heads(model) is not None
+        results.append((logs, _weights(model)))
+    (logs_fast, fast), (logs_slow, slow) = results
+    for k in "abc":
+        np.testing.assert_allclose(logs_fast[f"{k}_alpha"], logs_slow[f"{k}_alpha"], rtol=1e-6)
+    for name in fast:
+        np.testing.assert_allclose(fast[name], slow[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch step paths")
+def test_torch_heads_sharing_a_layer_take_the_per_task_path():
+    from keras_mgda.backend import torch as torch_step
+
+    x = keras.Input((6,))
+    z = keras.layers.Dense(5, activation="tanh")(x)
+    h = keras.layers.Dense(4, activation="tanh", name="ab_hidden")(z)
+    outputs = {
+        "a": keras.layers.Dense(1, name="a")(h),
+        "b": keras.layers.Dense(1, name="b")(h),
+        "c": keras.layers.Dense(1, name="c")(z),
+    }
+    model = km.MGDAModel(x, outputs)
+    model.compile(optimizer="sgd", loss={"a": "mse", "b": "mse", "c": "mse"})
+    xs = np.ones((4, 6), "float32")
+    ys = {k: np.zeros((4, 1), "float32") for k in "abc"}
+    logs = model.train_on_batch(xs, ys, return_dict=True)
+    assert torch_step._separable_heads(model) is None
+    assert np.isclose(sum(logs[f"{k}_alpha"] for k in "abc"), 1.0, atol=1e-5)
+    separate = _build(km.weighting.MGDA())
+    separate.train_on_batch(*_data())
+    assert torch_step._separable_heads(separate) is not None

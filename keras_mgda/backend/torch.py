@@ -155,6 +155,63 @@ def _grad_or_zeros(output, source):
     return torch.zeros_like(source) if grad is None else grad
 
 
+def _training_call(operation):
+    if not getattr(operation, "_call_has_training_arg", False):
+        return operation
+
+    def call(*args, **kwargs):
+        kwargs["training"] = True
+        return operation(*args, **kwargs)
+
+    return call
+
+
+def _run_head(head, z):
+    """`head(z, training=True)` for a functional head, through its graph
+    directly: the functional model's own `__call__` (input checks, scopes)
+    costs about 0.4 ms per head in eager torch, 15 ms a step with 40
+    heads, more than the heads' layers themselves."""
+    run = getattr(head, "_run_through_graph", None)
+    if run is None:  # Not a functional model as Keras 3.10+ builds them.
+        return head(z, training=True)
+    return run(z, operation_fn=_training_call)
+
+
+def _separable_heads(model):
+    """`(output_heads, task_of_output, head_variables)` when every output
+    feeds exactly one task and the outputs' heads share no layer (the usual
+    multi-head model), else None. `task_of_output[t]` is task t's output;
+    `head_variables[t]` are the trainable variables of task t's head. Cached
+    on the model."""
+    parts = model._parts
+    # Keyed by the compiled loss: recompiling can change the tasks.
+    cached = getattr(parts, "torch_separable_heads", None)
+    if cached is not None and cached[0] is model._compile_loss:
+        return cached[1]
+    result = None
+    output_heads = model._output_heads()
+    task_of_output = model._task_output_indices()
+    if sorted(task_of_output) == list(range(len(output_heads))):
+        layer_sets = [
+            {id(l) for l in head.layers if not isinstance(l, keras.layers.InputLayer)}
+            for head in output_heads
+        ]
+        variable_sets = [{id(v) for v in head.trainable_variables} for head in output_heads]
+        disjoint = sum(len(s) for s in layer_sets) == len(set().union(*layer_sets))
+        disjoint = disjoint and (
+            sum(len(s) for s in variable_sets) == len(set().union(*variable_sets))
+        )
+        encoder_variables = {id(v) for v in model.encoder.trainable_variables}
+        if disjoint and not encoder_variables & set().union(*variable_sets):
+            result = (
+                output_heads,
+                task_of_output,
+                [output_heads[i].trainable_variables for i in task_of_output],
+            )
+    parts.torch_separable_heads = (model._compile_loss, result)
+    return result
+
+
 def _unique(variables):
     seen, unique = set(), []
     for v in variables:
@@ -192,13 +249,25 @@ def train_step(model, data):
     world = _world_size()
 
     z = encoder(x, training=True)
-    if needs_gram:
+    split = _separable_heads(model) if needs_gram else None
+    if split is not None:
+        # Each output's head reads its own detached copy of Z, so one
+        # backward of the summed losses gives every dL_t/dZ at once (in
+        # that copy's .grad) and every head's own gradient; the encoder is
+        # reached only through the cotangent we build, once.
+        output_heads, task_of_output, head_variables = split
+        z_copies = [z.detach().requires_grad_(True) for _ in output_heads]
+        y_pred = keras.tree.pack_sequence_as(
+            model._outputs_struct,
+            [_run_head(head, c) for head, c in zip(output_heads, z_copies)],
+        )
+    elif needs_gram:
         # The heads read a detached copy of Z: the encoder is then reached
         # only through the cotangent we build, once.
         z_heads = z.detach().requires_grad_(True)
+        y_pred = heads(z_heads, training=True)
     else:
-        z_heads = z
-    y_pred = heads(z_heads, training=True)
+        y_pred = heads(z, training=True)
     # Clear the gradients left by the previous step, as Keras's torch
     # trainer does (torch.nn.Module.zero_grad).
     model.zero_grad()
@@ -214,15 +283,26 @@ def train_step(model, data):
     gram = None
     if needs_gram:
         num_tasks = scaled_losses.shape[0]
-        # One backward per task from its own loss: autograd then visits that
-        # task's head only (a batched backward from the stacked losses would
-        # run every head's backward for every task: T^2 head backwards).
-        jac_z = torch.stack(
-            [
-                _grad_or_zeros(optimizer.scale_loss(l), z_heads)
-                for l in task_loss_list
+        if split is not None:
+            # One backward for all tasks: the heads' .grad get each task's
+            # own, unweighted gradient (scaled by the head weights below).
+            if scaled_losses.requires_grad:
+                torch.autograd.backward(torch.sum(scaled_losses))
+            by_output = [
+                torch.zeros_like(c) if c.grad is None else c.grad for c in z_copies
             ]
-        )
+            jac_z = torch.stack([by_output[i] for i in task_of_output])
+        else:
+            # One backward per task from its own loss: autograd then visits
+            # that task's head only (a batched backward from the stacked
+            # losses would run every head's backward for every task: T^2
+            # head backwards).
+            jac_z = torch.stack(
+                [
+                    _grad_or_zeros(optimizer.scale_loss(l), z_heads)
+                    for l in task_loss_list
+                ]
+            )
         losses32 = task_losses.detach().float()
         if in_parameters:
             # dL_t/dW = (dZ/dW)^T G_t, all tasks in one batched backward.
@@ -279,11 +359,22 @@ def train_step(model, data):
     if take_step:
         if needs_gram:
             cotangent = step.combine(weights, jac_z)
-            targets = [z, scaled_losses]
-            output_gradients = [
-                cotangent,
-                head_weights.to(scaled_losses.dtype),
-            ]
+            if split is not None:
+                # The heads already hold their tasks' gradients: weigh them.
+                with torch.no_grad():
+                    for t, variables in enumerate(head_variables):
+                        for v in variables:
+                            if v.value.grad is not None:
+                                v.value.grad.mul_(
+                                    head_weights[t].to(v.value.grad.dtype)
+                                )
+                targets, output_gradients = [z], [cotangent]
+            else:
+                targets = [z, scaled_losses]
+                output_gradients = [
+                    cotangent,
+                    head_weights.to(scaled_losses.dtype),
+                ]
             if scaled_extra is not None:
                 targets.append(scaled_extra)
                 output_gradients.append(torch.ones_like(scaled_extra))
