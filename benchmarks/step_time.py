@@ -68,7 +68,7 @@ def _epoch_time(model, x, y, batch_size):
     return time.perf_counter() - start
 
 
-def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0):
+def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0, on_nonfinite="raise"):
     """Returns best-of-`repeats` seconds per step for plain Keras and for the
     weighting, and their ratio."""
     rng = np.random.default_rng(seed)
@@ -77,7 +77,12 @@ def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0):
     y = {f"task_{t}": rng.integers(0, 10, size=(n,)).astype("int32") for t in range(num_tasks)}
 
     plain = lenet(num_tasks)
-    ours = lenet(num_tasks, km.MultiTaskModel, weighting=make_weighting(method, num_tasks))
+    ours = lenet(
+        num_tasks,
+        km.MultiTaskModel,
+        weighting=make_weighting(method, num_tasks),
+        on_nonfinite=on_nonfinite,
+    )
     ours.set_weights(plain.get_weights())
     for model in (plain, ours):
         _compile(model, num_tasks, jit_compile)
@@ -96,6 +101,7 @@ def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0):
         "steps_per_epoch": steps,
         "repeats": repeats,
         "jit_compile": jit_compile,
+        "on_nonfinite": on_nonfinite,
         "keras_ms_per_step": round(1e3 * best_plain, 3),
         f"{method}_ms_per_step": round(1e3 * best_ours, 3),
         "ratio": round(best_ours / best_plain, 3),
@@ -113,13 +119,20 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jit-compile", default="auto", help="'auto', 'true' or 'false'")
+    parser.add_argument(
+        "--on-nonfinite", default="raise", choices=["raise", "skip"],
+        help="the model's policy for NaN/Inf steps (raise, the default, checks every step on the host on JAX)",
+    )
     parser.add_argument("--output", help="append JSON lines here")
     args = parser.parse_args()
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
     methods = sorted(METHODS) if "all" in args.method else args.method
     for method in methods:
         for num_tasks in args.tasks:
-            result = measure(num_tasks, method, args.steps, args.batch_size, args.repeats, jit)
+            result = measure(
+                num_tasks, method, args.steps, args.batch_size, args.repeats, jit,
+                on_nonfinite=args.on_nonfinite,
+            )
             line = json.dumps(result)
             print(line, flush=True)
             if args.output:

@@ -68,6 +68,30 @@ class _TaskWeightsMean(keras.metrics.Metric):
         return dict(zip(self.result_names(), values))
 
 
+class _FirstNonfiniteTask(keras.metrics.Metric):
+    """Remembers the first task whose loss or gradient was not finite since
+    the last reset (its index + 1; 0 when none), for a jitted step to report
+    with `on_nonfinite="raise"` through its state: a host callback from
+    inside the step costs more than the step's whole weighting. Logs
+    nothing."""
+
+    def __init__(self):
+        super().__init__(name="first_nonfinite_task", dtype="float32")
+        self.task_plus_one = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, name="task_plus_one"
+        )
+
+    def update_state(self, step_ok, bad_task):
+        current = self.task_plus_one.value
+        first = keras.ops.logical_and(current == 0, keras.ops.logical_not(step_ok))
+        self.task_plus_one.assign(
+            keras.ops.where(first, keras.ops.cast(bad_task, self.dtype) + 1, current)
+        )
+
+    def result(self):
+        return {}
+
+
 class _Parts:
     """Helper sub-models and per-compile state, kept out of Keras tracking so
     that `.keras` files hold exactly the user's model."""
@@ -81,9 +105,9 @@ class _Parts:
         self.recorded = {}
         self.alpha_tracker = None
         self.skipped_tracker = None
+        self.nonfinite_tracker = None
         self.compile_loss = None
         self.logging_task_weights = False
-        self.nonfinite_task = None
         self._nonfinite_flag = None
 
     def nonfinite_flag(self):
@@ -95,10 +119,6 @@ class _Parts:
             )
         return self._nonfinite_flag
 
-    def record_nonfinite(self, step_ok, bad_task):
-        """Host callback of jitted steps: remembers a non-finite task."""
-        if not bool(step_ok):
-            self.nonfinite_task = int(bad_task)
 
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
@@ -214,7 +234,8 @@ class MultiTaskModel(keras.Model):
         )
 
     def _task_trackers(self):
-        return [self._parts.alpha_tracker, self._parts.skipped_tracker]
+        parts = self._parts
+        return [parts.alpha_tracker, parts.skipped_tracker, parts.nonfinite_tracker]
 
     def _train_logs(self, step_taken):
         """Counts a skipped step and returns the logs of the train step:
@@ -295,6 +316,7 @@ class MultiTaskModel(keras.Model):
         ]
         parts.alpha_tracker = _TaskWeightsMean(parts.task_names)
         parts.skipped_tracker = keras.metrics.Sum(name="skipped_steps")
+        parts.nonfinite_tracker = _FirstNonfiniteTask()
         parts.compile_loss = compile_loss
         self._build_weighting(len(parts.task_names))
 

@@ -97,8 +97,13 @@ def state_to_protect(model):
     and the optimizer: BatchNorm statistics and similar non-trainable state
     (a NaN batch would poison them) and the metrics (a skipped step is not
     counted in the epoch's averages)."""
-    skipped = model._parts.skipped_tracker
-    excluded = {id(v) for v in skipped.variables} if skipped is not None else set()
+    # What records skipped and non-finite steps must survive them.
+    excluded = {
+        id(v)
+        for tracker in (model._parts.skipped_tracker, model._parts.nonfinite_tracker)
+        if tracker is not None
+        for v in tracker.variables
+    }
     variables = list(model.non_trainable_variables) + list(model.metrics_variables)
     seen, protected = set(), []
     for v in variables:

@@ -210,6 +210,44 @@ def test_nan_loss_raises_naming_the_task_and_keeps_weights():
     assert int(model.optimizer.iterations.numpy()) == iterations
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="torch runs one step per execution"
+)
+def test_nan_step_inside_steps_per_execution_raises_with_the_weights_before_it():
+    """With several steps per execution, the steps after a non-finite one
+    change nothing either: the error leaves the weights of the last good
+    step."""
+
+    def build():
+        x = keras.Input((10,))
+        z = keras.layers.Dense(8, activation="tanh", name="shared")(x)
+        outputs = {
+            "reg": keras.layers.Dense(1, name="reg")(z),
+            "bin": keras.layers.Dense(1, activation="sigmoid", name="bin")(z),
+        }
+        model = km.MGDAModel(x, outputs)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss={"reg": "mse", "bin": "binary_crossentropy"},
+            steps_per_execution=4,
+        )
+        return model
+
+    x, y = _data(32)
+    y = {"reg": y["reg"].copy(), "bin": y["bin"]}
+    y["reg"][9] = np.nan  # in the second batch of 8
+    model, reference = build(), build()
+    reference.set_weights(model.get_weights())
+    reference.fit(x[:8], {k: v[:8] for k, v in y.items()}, batch_size=8, verbose=0)
+    with pytest.raises(Exception, match=r"NaN or Inf(.|\n)*reg"):
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(reference.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # And it trains on afterwards.
+    history = model.fit(x[16:], {k: v[16:] for k, v in y.items()}, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 def test_nan_loss_skipped_and_counted():
     model = _compile(_untuned_model(weighting=km.weighting.MGDA(), on_nonfinite="skip"))
     x, y = _data(32)

@@ -249,6 +249,13 @@ def train_step(model, state, data):
     y_pred, loss, ntv, metrics_after_loss = aux
 
     per_task_ok, logged_ok, step_ok = step.step_flags(optimizer, task_losses, gram, weights)
+    raising = model.on_nonfinite == "raise"
+    if raising:
+        # After a non-finite step, the rest of a multi-step execution
+        # (steps_per_execution > 1) changes nothing either: the wrapped
+        # train function raises with the state from before that step.
+        flag_index = _nonfinite_flag_index(model)
+        step_ok = jnp.logical_and(step_ok, metrics_values[flag_index] == 0)
 
     new_trainable, new_optimizer = optimizer.stateless_apply(optimizer_values, grads, trainable_values)
     new_trainable = _select(step_ok, new_trainable, trainable_values)
@@ -261,8 +268,15 @@ def train_step(model, state, data):
         model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
         model._update_task_trackers(weights, logged_ok)
         model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if raising:
+            bad_task = jnp.argmin(per_task_ok.astype("int32"))
+            model._parts.nonfinite_tracker.update_state(step_ok, bad_task)
     updated_metrics = _updated(scope, metrics, metrics_after_loss)
-    skipped_ids = {id(v) for v in model._parts.skipped_tracker.variables}
+    skipped_ids = {
+        id(v)
+        for tracker in (model._parts.skipped_tracker, model._parts.nonfinite_tracker)
+        for v in tracker.variables
+    }
     kept_metrics = [
         new if id(v) in skipped_ids else jnp.where(step_ok, new, old)
         for v, new, old in zip(metrics, updated_metrics, metrics_values)
@@ -271,11 +285,17 @@ def train_step(model, state, data):
         logs = model._train_logs(step_ok)
     new_metrics = _updated(scope, metrics, kept_metrics)
 
-    if model.on_nonfinite == "raise":
-        bad_task = jnp.argmin(per_task_ok.astype("int32"))
-        jax.debug.callback(model._parts.record_nonfinite, step_ok, bad_task)
 
     return logs, (new_trainable, new_non_trainable, new_optimizer, new_metrics)
+
+
+def _nonfinite_flag_index(model):
+    """Where `_FirstNonfiniteTask`'s variable sits in the metrics state."""
+    (flag,) = model._parts.nonfinite_tracker.variables
+    for index, v in enumerate(model.metrics_variables):
+        if v is flag:
+            return index
+    raise RuntimeError("keras_mgda: the non-finite flag is not a metric variable.")
 
 
 def wrap_train_function(model, train_function):
@@ -285,11 +305,19 @@ def wrap_train_function(model, train_function):
         return train_function
 
     def checked(state, data):
-        model._parts.nonfinite_task = None
+        if model._parts.nonfinite_tracker is None:
+            # No tasks yet: the step raises the error that says why.
+            return train_function(state, data)
+        flag_index = _nonfinite_flag_index(model)
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        metrics_values = list(metrics_values)
+        metrics_values[flag_index] = jnp.zeros_like(metrics_values[flag_index])
+        state = (trainable, non_trainable, optimizer_values, metrics_values)
         logs, new_state = train_function(state, data)
-        jax.block_until_ready(new_state)
-        bad = model._parts.nonfinite_task
-        if bad is not None:
+        # One scalar read per call: waits for the step, as Keras's own
+        # logging does whenever a callback reads the logs.
+        bad = int(new_state[3][flag_index]) - 1
+        if bad >= 0:
             trainable, non_trainable, optimizer_values, metrics_values = new_state
             model._jax_state = {
                 "trainable_variables": trainable,
