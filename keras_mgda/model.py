@@ -367,8 +367,11 @@ class MultiTaskModel(keras.Model):
         depending on its own output only (so a backward from one reaches
         one head)."""
         parts = self._parts
+        dtype = self._compile_loss.dtype
         return [
-            keras.ops.cast(parts.recorded[index], self._compile_loss.dtype) * weight
+            keras.ops.cast(parts.recorded[index], dtype)
+            if isinstance(weight, (int, float)) and weight == 1
+            else keras.ops.cast(parts.recorded[index], dtype) * weight
             for index, weight in enumerate(parts.task_weights)
         ]
 
