@@ -160,6 +160,20 @@ def _best_pair(gram, pair_mask):
     return w * one_i + (1.0 - w) * one_j
 
 
+def _two_tasks(gram, mask):
+    """The exact solution for two tasks (the paper's Algorithm 1): the
+    clipped minimiser on the segment between g_0 and g_1, in a few ops
+    (the common case, where `_best_pair`'s search over pairs is overhead).
+    Identical gradients give [1, 0], as `_best_pair` does."""
+    d_0, d_1, cross = gram[..., 0, 0], gram[..., 1, 1], gram[..., 0, 1]
+    spread = d_0 + d_1 - 2.0 * cross  # |g_0 - g_1|^2
+    safe_spread = ops.where(spread > 0, spread, ops.ones_like(spread))
+    weight_0 = ops.where(spread > 0, ops.clip((d_1 - cross) / safe_spread, 0.0, 1.0), 1.0)
+    # A masked-out task leaves the other alone.
+    weight_0 = ops.where(mask[..., 0] & mask[..., 1], weight_0, ops.cast(mask[..., 0], gram.dtype))
+    return ops.concatenate([weight_0[..., None], 1.0 - weight_0[..., None]], axis=-1)
+
+
 def _frank_wolfe(gram, mask, weights, max_iters, tol):
     """Pairwise Frank-Wolfe with exact line search, incremental M @ a.
 
@@ -386,6 +400,8 @@ def min_norm(gram, mask=None, max_iters=None, tol=None):
 
     if num_tasks == 1:
         weights = ops.ones_like(gram[..., 0])
+    elif num_tasks == 2:
+        weights = _two_tasks(gram, mask)
     else:
         weights = _best_pair(gram, pair_mask)
     if num_tasks > 2:  # for two tasks the best pair is the exact solution

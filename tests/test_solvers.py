@@ -171,7 +171,7 @@ def make_grams(family, num_tasks, dtype, count, seed=0):
 
 # Tasks per problem; every batched call holds 8 problems (few shapes to
 # compile on JAX).
-SIZES = (3, 8, 40)
+SIZES = (2, 3, 8, 40)  # 2: the closed form the solver takes for two tasks
 BATCH = 8
 
 
@@ -249,6 +249,15 @@ def test_orthogonal_gradients_closed_form():
     grams = np.stack([np.diag(n) for n in norms2])
     expected = (1 / norms2) / np.sum(1 / norms2, axis=-1, keepdims=True)
     np.testing.assert_allclose(solve(grams), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_tasks_masked(dtype):
+    grams = make_grams("random", 2, dtype, 4)
+    masks = np.array([[True, False], [False, True], [False, False], [True, True]])
+    alphas = solve(grams, mask=masks)
+    np.testing.assert_array_equal(alphas[:3], [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    assert relative_gap(grams[3], alphas[3], dtype) <= TARGET[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
