@@ -22,10 +22,13 @@ def gram_from_jacobians(jacobians, loss_scale=None):
     for jacobian in jacobians:
         # float32 before the products: float16 overflows at 65504.
         flat = ops.cast(ops.reshape(jacobian, (ops.shape(jacobian)[0], -1)), "float32")
-        if loss_scale is not None:
-            flat = flat / ops.cast(loss_scale, "float32")
         part = ops.matmul(flat, ops.transpose(flat))
         gram = part if gram is None else gram + part
+    if loss_scale is not None:
+        # Unscaled once on the T x T result rather than on every gradient
+        # entry (loss scales are powers of two: exact either way).
+        scale = ops.cast(loss_scale, "float32")
+        gram = gram / (scale * scale)
     return gram
 
 

@@ -274,3 +274,47 @@ def test_torch_heads_sharing_a_layer_take_the_per_task_path():
     separate = _build(km.weighting.MGDA())
     separate.train_on_batch(*_data())
     assert torch_step._separable_heads(separate) is not None
+
+
+class FixedFromGram(km.weighting.Static):
+    """Static weights taken through the Gram-matrix step (per-task
+    gradients with respect to Z, one encoder backward)."""
+
+    requires_gram = True
+
+
+def test_gram_step_equals_loss_step_for_the_same_weights(float64):
+    """With the same task weights, the Z-space step (per-task backwards
+    through the heads, one encoder backward with the combined cotangent)
+    must update every weight as the plain weighted-loss step does."""
+
+    def build(weighting):
+        x = keras.Input((6,))
+        h = keras.layers.Dense(5, activation="tanh", name="in")(x)
+        z = keras.layers.Dense(5, activation="tanh", name="trunk")(h)
+        head_a = keras.layers.Dense(5, activation="tanh", name="a_hidden")(z)
+        outputs = {
+            "a": keras.layers.Dense(1, name="a")(head_a),
+            "b": keras.layers.Dense(3, name="b")(z),
+        }
+        model = km.MultiTaskModel(x, outputs, weighting=weighting)
+        rng = np.random.default_rng(3)
+        model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
+        model.compile(
+            optimizer=keras.optimizers.SGD(LEARNING_RATE),
+            loss={"a": "mse", "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+        )
+        return model
+
+    x, y = _data()
+    y = {"a": y["a"], "b": y["b"]}
+    weights = [0.3, 0.7]
+    through_gram = build(FixedFromGram(weights))
+    through_loss = build(km.weighting.Static(weights))
+    through_gram.train_on_batch(x, y)
+    through_loss.train_on_batch(x, y)
+    for name in ("in", "trunk", "a_hidden", "a", "b"):
+        expected = through_loss.get_layer(name).get_weights()
+        got = through_gram.get_layer(name).get_weights()
+        for e, g in zip(expected, got):
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9, err_msg=name)

@@ -363,11 +363,11 @@ def train_step(model, data):
                 # The heads already hold their tasks' gradients: weigh them.
                 with torch.no_grad():
                     for t, variables in enumerate(head_variables):
-                        for v in variables:
-                            if v.value.grad is not None:
-                                v.value.grad.mul_(
-                                    head_weights[t].to(v.value.grad.dtype)
-                                )
+                        grads_t = [
+                            v.value.grad for v in variables if v.value.grad is not None
+                        ]
+                        if grads_t:
+                            torch._foreach_mul_(grads_t, head_weights[t].to(grads_t[0].dtype))
                 targets, output_gradients = [z], [cotangent]
             else:
                 targets = [z, scaled_losses]
