@@ -34,6 +34,7 @@ iteration cap, and there is no Python branching on tensor values.
 """
 
 import contextlib
+import sys
 
 import numpy as np
 from keras import backend
@@ -50,6 +51,12 @@ DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
 # JOIN_NOISE times the rounding noise of (M a)_j; lower values chase noise on
 # inexact Gram matrices.
 JOIN_NOISE = 16.0
+
+
+_NAMESPACED_MODULES = [
+    f"keras_mgda.weighting.{name}"
+    for name in ("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "_gradient_base")
+]
 
 
 @contextlib.contextmanager
@@ -71,11 +78,23 @@ def op_namespace(namespace):
     """
     global ops
     previous = ops
+    # The gradient weightings solve their own small problems with the same
+    # ops: swap theirs too (each imports `from keras import ops`; each is
+    # tested to weigh alike both ways).
+    modules = [
+        sys.modules[name]
+        for name in _NAMESPACED_MODULES
+        if name in sys.modules and getattr(sys.modules[name], "ops", None) is previous
+    ]
     ops = namespace
+    for module in modules:
+        module.ops = namespace
     try:
         yield
     finally:
         ops = previous
+        for module in modules:
+            module.ops = previous
 
 
 def _float_dtype(x):

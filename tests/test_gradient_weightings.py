@@ -716,3 +716,32 @@ def test_compiles_with_xla(cls):
         return
     plain = weigh(make(cls), gram)
     np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the direct-torch namespace is torch's")
+@pytest.mark.parametrize("cls", CLASSES)
+def test_direct_torch_namespace_gives_the_same_weights(cls):
+    """The torch step runs every weighting under the direct-torch op
+    namespace (`solvers.op_namespace(torch_ops)`); each method must weigh
+    as it does through keras.ops."""
+    from keras_mgda import solvers
+    from keras_mgda.backend import torch_ops
+
+    for family in ("aligned", "random", "mixed", "low_rank"):
+        for num_tasks in (1, 2, 3, 10, 40):
+            gram = gram_of(gradients(family, num_tasks, seed=0))
+            losses = np.linspace(0.5, 2.0, num_tasks).astype(np.float32)
+            results = []
+            for fast in (False, True):
+                weighting = cls(**({"seed": 3} if cls is PCGrad else {}))
+                weighting.build(num_tasks, [f"t{i}" for i in range(num_tasks)])
+                if fast:
+                    with solvers.op_namespace(torch_ops):
+                        results.append(weigh(weighting, gram, losses))
+                else:
+                    results.append(weigh(weighting, gram, losses))
+            expected, got = results
+            np.testing.assert_allclose(
+                got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(),
+                err_msg=f"{cls.__name__} {family} T={num_tasks}",
+            )

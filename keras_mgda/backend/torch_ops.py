@@ -5,9 +5,11 @@ CPU); the solver runs a few hundred small ops per step in eager torch, which
 made it most of MGDA's overhead at T=40. The torch train step runs the
 solver with this namespace instead (`solvers.op_namespace`): the same
 algorithm, the same code in `solvers.py`, without the per-op conversions.
-Only the signatures the solver uses are covered.
+Only the signatures the solver uses are covered; any other `keras.ops`
+function is taken from Keras as is (the weighting modules use a few more).
 """
 
+import keras
 import numpy as np
 import torch
 from keras.src.backend.torch.core import get_device
@@ -31,6 +33,8 @@ def _as(value, like):
 
 
 def convert_to_tensor(x, dtype=None):
+    if isinstance(x, keras.Variable):
+        x = x.value
     if isinstance(x, torch.Tensor):
         return x if dtype is None else x.to(_dtype(dtype))
     if isinstance(x, np.ndarray):
@@ -187,3 +191,8 @@ def while_loop(cond, body, loop_vars, maximum_iterations=None):
         loop_vars = tuple(body(*loop_vars))
         iteration += 1
     return loop_vars
+
+
+def __getattr__(name):
+    # Anything not written out above: Keras's own op.
+    return getattr(keras.ops, name)
