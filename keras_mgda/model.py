@@ -120,7 +120,6 @@ class _Parts:
         return self._nonfinite_flag
 
 
-
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class MultiTaskModel(keras.Model):
     """A functional model trained as a multi-task problem.

@@ -95,18 +95,24 @@ def batch_size(x):
     return ops.shape(first)[0]
 
 
+def step_record_ids(model):
+    """Ids of the variables that record skipped and non-finite steps: a
+    skipped step must still update them, so they are never rolled back."""
+    parts = model._parts
+    return {
+        id(v)
+        for tracker in (parts.skipped_tracker, parts.nonfinite_tracker)
+        if tracker is not None
+        for v in tracker.variables
+    }
+
+
 def state_to_protect(model):
     """Variables a bad step must leave untouched besides the trainable ones
     and the optimizer: BatchNorm statistics and similar non-trainable state
     (a NaN batch would poison them) and the metrics (a skipped step is not
     counted in the epoch's averages)."""
-    # What records skipped and non-finite steps must survive them.
-    excluded = {
-        id(v)
-        for tracker in (model._parts.skipped_tracker, model._parts.nonfinite_tracker)
-        if tracker is not None
-        for v in tracker.variables
-    }
+    excluded = step_record_ids(model)
     variables = list(model.non_trainable_variables) + list(model.metrics_variables)
     seen, protected = set(), []
     for v in variables:

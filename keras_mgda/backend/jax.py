@@ -272,20 +272,14 @@ def train_step(model, state, data):
             bad_task = jnp.argmin(per_task_ok.astype("int32"))
             model._parts.nonfinite_tracker.update_state(step_ok, bad_task)
     updated_metrics = _updated(scope, metrics, metrics_after_loss)
-    skipped_ids = {
-        id(v)
-        for tracker in (model._parts.skipped_tracker, model._parts.nonfinite_tracker)
-        for v in tracker.variables
-    }
+    record_ids = step.step_record_ids(model)
     kept_metrics = [
-        new if id(v) in skipped_ids else jnp.where(step_ok, new, old)
+        new if id(v) in record_ids else jnp.where(step_ok, new, old)
         for v, new, old in zip(metrics, updated_metrics, metrics_values)
     ]
     with keras.StatelessScope(state_mapping=list(zip(metrics, kept_metrics))) as scope:
         logs = model._train_logs(step_ok)
     new_metrics = _updated(scope, metrics, kept_metrics)
-
-
     return logs, (new_trainable, new_non_trainable, new_optimizer, new_metrics)
 
 
