@@ -53,6 +53,11 @@ class _TaskWeightsMean(keras.metrics.Metric):
         )
 
     def update_state(self, weights, finite):
+        if isinstance(finite, bool):  # eager steps decide on the host
+            if finite:
+                self.total.assign_add(keras.ops.cast(weights, self.dtype))
+                self.count.assign_add(1.0)
+            return
         weights = keras.ops.cast(weights, self.dtype)
         self.total.assign_add(
             keras.ops.where(finite, weights, keras.ops.zeros_like(weights))

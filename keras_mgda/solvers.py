@@ -53,7 +53,7 @@ DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
 JOIN_NOISE = 16.0
 
 
-_NAMESPACED_MODULES = [
+_NAMESPACED_MODULES = ["keras_mgda.step"] + [
     f"keras_mgda.weighting.{name}"
     for name in ("mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "_gradient_base")
 ]
@@ -79,8 +79,8 @@ def op_namespace(namespace):
     global ops
     previous = ops
     # The gradient weightings solve their own small problems with the same
-    # ops: swap theirs too (each imports `from keras import ops`; each is
-    # tested to weigh alike both ways).
+    # ops, and the step checks their results: swap theirs too (each imports
+    # `from keras import ops`; each is tested to weigh alike both ways).
     modules = [
         sys.modules[name]
         for name in _NAMESPACED_MODULES
@@ -97,10 +97,19 @@ def op_namespace(namespace):
             module.ops = previous
 
 
+_FLOAT_DTYPES = {}
+
+
 def _float_dtype(x):
-    dtype = backend.standardize_dtype(x.dtype)
-    if "float" not in dtype:
-        dtype = backend.floatx()
+    # Cached: standardize_dtype costs ~15 us, and the eager solvers ask
+    # for it a few times per loop round.
+    key = (x.dtype, backend.floatx())
+    dtype = _FLOAT_DTYPES.get(key)
+    if dtype is None:
+        dtype = backend.standardize_dtype(x.dtype)
+        if "float" not in dtype:
+            dtype = backend.floatx()
+        _FLOAT_DTYPES[key] = dtype
     return dtype
 
 

@@ -625,3 +625,53 @@ def test_direct_torch_namespace_gives_the_same_weights(dtype):
             got = run()
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
+
+
+# Families whose optimum alpha is unique: there the NumPy solve must return
+# the same weights as keras.ops, not only an equally good point.
+UNIQUE_FAMILIES = ("random", "correlated", "orthogonal", "opposite", "zero_gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", FAMILIES + ["conflicting"])
+def test_numpy_namespace_is_as_exact(dtype, family):
+    """The eager torch step solves MGDA's problem on the host, through
+    `solvers.op_namespace(numpy_ops)`: the same code on NumPy arrays must
+    meet the same accuracy targets, keep the dtype and the masks, and give
+    keras.ops's weights wherever the optimum is unique."""
+    from keras_mgda.backend import numpy_ops
+
+    rng = np.random.default_rng(5)
+    for num_tasks in SIZES:
+        grams = make_grams(family, num_tasks, dtype, BATCH)
+        mask = rng.uniform(size=grams.shape[:-1]) > 0.25
+        with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
+            alphas = solvers.min_norm(grams)
+            masked = solvers.min_norm(grams, mask=mask)
+        assert type(alphas) is np.ndarray and alphas.dtype == np.dtype(dtype)
+        assert np.all(alphas >= 0)
+        np.testing.assert_allclose(alphas.sum(-1), 1.0, atol=4 * num_tasks * EPS[dtype])
+        bound = 1.0 if family == "conflicting" else TARGET[dtype]
+        for gram, alpha in zip(grams, alphas):
+            assert relative_gap(gram, alpha, dtype) <= bound, (num_tasks, alpha)
+            if family not in ("mixed_scales", "conflicting"):
+                assert kkt_violation(gram, alpha) <= 1e3 * EPS[dtype]
+        assert np.all(masked[~mask] == 0)
+        for gram, alpha, keep in zip(grams, masked, mask):
+            if keep.any():
+                sub = gram[np.ix_(keep, keep)]
+                assert relative_gap(sub, alpha[keep], dtype) <= bound
+        if family in UNIQUE_FAMILIES:
+            expected = solve(grams)
+            tolerance = 1e3 * EPS[dtype]
+            np.testing.assert_allclose(alphas, expected, atol=tolerance, rtol=0)
+
+
+def test_numpy_namespace_non_finite_input_gives_nan_weights():
+    from keras_mgda.backend import numpy_ops
+
+    grams = make_grams("random", 5, "float32", 2)
+    grams[1, 2, 3] = np.inf
+    with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
+        alphas = solvers.min_norm(grams)
+    assert np.all(np.isfinite(alphas[0])) and np.all(np.isnan(alphas[1]))

@@ -276,6 +276,54 @@ def test_torch_heads_sharing_a_layer_take_the_per_task_path():
     assert torch_step._separable_heads(separate) is not None
 
 
+class _RecordingMGDA(km.weighting.MGDA):
+    """MGDA that records the type of the Gram matrix it is given."""
+
+    seen = []
+
+    def call(self, losses, gram=None):
+        type(self).seen.append(type(gram))
+        return super().call(losses, gram)
+
+
+class _StatefulMGDA(_RecordingMGDA):
+    seen = []
+
+    def build(self, num_tasks, task_names=None):
+        super().build(num_tasks, task_names)
+        self.calls = self.add_state("calls")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch step paths")
+def test_torch_solves_stateless_weightings_on_the_host(monkeypatch):
+    """The torch step solves a `host_solvable` weighting without state on
+    NumPy arrays; it must update every weight as the same weighting run on
+    torch tensors does. A weighting with state stays on torch tensors."""
+    import torch
+
+    from keras_mgda.backend import torch as torch_step
+
+    x, y = _data()
+    results = []
+    for on_host in (True, False):
+        _RecordingMGDA.seen = []
+        if not on_host:
+            monkeypatch.setattr(torch_step, "_solves_on_host", lambda weighting: False)
+        model = _build(_RecordingMGDA())
+        logs = model.train_on_batch(x, y, return_dict=True)
+        assert _RecordingMGDA.seen == [np.ndarray if on_host else torch.Tensor]
+        results.append((logs, _weights(model)))
+    (logs_host, host), (logs_torch, on_torch) = results
+    for k in "abc":
+        np.testing.assert_allclose(logs_host[f"{k}_alpha"], logs_torch[f"{k}_alpha"], rtol=1e-6)
+    for name in host:
+        np.testing.assert_allclose(host[name], on_torch[name], rtol=1e-6, atol=1e-8, err_msg=name)
+
+    monkeypatch.undo()
+    _build(_StatefulMGDA()).train_on_batch(x, y)
+    assert _StatefulMGDA.seen == [torch.Tensor]
+
+
 class FixedFromGram(km.weighting.Static):
     """Static weights taken through the Gram-matrix step (per-task
     gradients with respect to Z, one encoder backward)."""

@@ -49,12 +49,14 @@ Multi-process data parallelism (`torch.distributed`):
 """
 
 import keras
+import numpy as np
 import torch
 import torch.distributed as dist
 from keras import ops
 
 from keras_mgda import solvers
 from keras_mgda import step
+from keras_mgda.backend import numpy_ops
 from keras_mgda.backend import torch_ops
 
 # Gradients are all-reduced in buckets of at most this many elements.
@@ -226,6 +228,72 @@ def _restore(variables, saved):
         v.assign(old)
 
 
+def _protected_state(model):
+    """The state the forward pass, the compiled loss's per-output trackers
+    and the weighting change before the step is decided: the non-trainable
+    variables and the loss trackers' variables (eager, so the other metrics
+    are simply not updated on a skipped step). Cached per compiled loss:
+    collecting them walks every layer (0.3 ms a step with 40 heads)."""
+    parts = model._parts
+    cached = getattr(parts, "torch_protected_state", None)
+    if cached is not None and cached[0] is model._compile_loss:
+        return cached[1]
+    loss_trackers = [m for m in getattr(model._compile_loss, "metrics", []) if m]
+    protected = _unique(
+        list(model.non_trainable_variables)
+        + [v for m in loss_trackers for v in m.variables]
+    )
+    parts.torch_protected_state = (model._compile_loss, protected)
+    return protected
+
+
+def _values(model, key, variables):
+    """The torch tensors behind Keras variables, cached while `variables`
+    is the same list: `Variable.value` costs about 8 us (it looks the device
+    up by name on every read), 1 ms a step for a hundred variables. Safe to
+    cache because Keras assigns by copying into the same tensor."""
+    cache = model._parts.__dict__.setdefault("torch_values", {})
+    cached = cache.get(key)
+    if (
+        cached is not None
+        and len(cached[0]) == len(variables)
+        and all(a is b for a, b in zip(cached[0], variables))
+    ):
+        return cached[1]
+    values = [v.value for v in variables]
+    cache[key] = (list(variables), values)
+    return values
+
+
+def _snapshot(values):
+    # Direct clones: keras.ops.copy converts and checks each argument.
+    return [t.detach().clone() for t in values]
+
+
+def _to_host(*tensors):
+    """float32 NumPy copies of the tensors (None stays None), read back
+    from the device in one transfer."""
+    present = [t for t in tensors if t is not None]
+    flat = torch.cat([t.detach().reshape(-1).float() for t in present]).cpu().numpy()
+    out, start = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[start:start + t.numel()].reshape(tuple(t.shape)))
+        start += t.numel()
+    return out
+
+
+def _solves_on_host(weighting):
+    """Whether the weighting's T x T problem is solved with NumPy: a
+    stateless method that declares it (`Weighting.host_solvable`). Its
+    inputs are read back once for the finiteness check anyway, and the
+    solver's few hundred small ops are cheaper there than as torch calls
+    (kernel launches on a GPU)."""
+    return getattr(weighting, "host_solvable", False) and not weighting.variables
+
+
 def train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     model._ensure_tasks(data)
@@ -237,15 +305,8 @@ def train_step(model, data):
     trainable = model.trainable_variables
     needs_gram = weighting.requires_gram
     in_parameters = needs_gram and weighting.gradient_space == "parameters"
-    # Eager, so the metrics are simply not updated on a skipped step; only
-    # the state that the forward pass, the compiled loss's per-output
-    # trackers and the weighting change before the decision needs a copy.
-    loss_trackers = [m for m in getattr(model._compile_loss, "metrics", []) if m]
-    protected = _unique(
-        list(model.non_trainable_variables)
-        + [v for m in loss_trackers for v in m.variables]
-    )
-    saved = step.snapshot(protected)
+    protected = _protected_state(model)
+    saved = _snapshot(_values(model, "protected", protected))
     world = _world_size()
 
     z = encoder(x, training=True)
@@ -256,6 +317,10 @@ def train_step(model, data):
         # that copy's .grad) and every head's own gradient; the encoder is
         # reached only through the cotangent we build, once.
         output_heads, task_of_output, head_variables = split
+        head_values = [
+            _values(model, ("head", t), variables)
+            for t, variables in enumerate(head_variables)
+        ]
         z_copies = [z.detach().requires_grad_(True) for _ in output_heads]
         y_pred = keras.tree.pack_sequence_as(
             model._outputs_struct,
@@ -320,17 +385,27 @@ def train_step(model, data):
         else:
             jacobians = [jac_z]
         loss_scale = optimizer.scale_loss(torch.ones((), dtype=torch.float32))
-        gram = step.gram_from_jacobians(jacobians, loss_scale)
+        with solvers.op_namespace(torch_ops):
+            gram = step.gram_from_jacobians(jacobians, loss_scale)
         if world > 1 and not in_parameters:
             # Sum of the local Gram matrices / R^2: the Gram matrix of the
             # gradients of the mean of the processes' losses.
             losses32, gram = _all_reduce_mean([losses32, gram], world)
             gram = gram / world
-        with solvers.op_namespace(torch_ops):
-            weights = weighting(losses32, gram).detach()
-        weighting_loss = weighting.loss(losses32, gram.detach())
-        head_weights = weighting.head_weights(weights)
         losses_for_check = losses32
+        if _solves_on_host(weighting):
+            host_losses, host_gram = _to_host(losses32, gram)
+            with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
+                host_weights = weighting(host_losses, host_gram)
+                host_head_weights = weighting.head_weights(host_weights)
+            weights = torch.from_numpy(np.array(host_weights, np.float32)).to(gram.device)
+            host_values = (host_losses, host_gram, host_weights)
+        else:
+            with solvers.op_namespace(torch_ops):
+                weights = weighting(losses32, gram).detach()
+                head_weights = torch_ops.convert_to_tensor(weighting.head_weights(weights))
+            *host_values, host_head_weights = _to_host(losses32, gram, weights, head_weights)
+        weighting_loss = weighting.loss(losses32, gram.detach())
     else:
         losses_for_check = task_losses.detach().float()
         if world > 1:
@@ -338,12 +413,13 @@ def train_step(model, data):
             (losses_for_check,) = _all_reduce_mean([losses_for_check], world)
         weights = weighting(losses_for_check).detach()
         weighting_loss = weighting.loss(losses_for_check, None)
+        host_values = _to_host(losses_for_check, None, weights)
 
-    # Every flag below is computed from all-reduced values, so all
-    # processes agree without another collective.
-    per_task_ok, logged_ok, step_ok = step.step_flags(
-        optimizer, losses_for_check, gram, weights.detach()
-    )
+    # The flags are decided on the host from one read-back (the step
+    # branches on them in Python anyway), and from all-reduced values, so
+    # all processes agree without another collective.
+    with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
+        per_task_ok, logged_ok, step_ok = step.step_flags(optimizer, *host_values)
     take_step = bool(step_ok)
 
     if not take_step and model.on_nonfinite == "raise":
@@ -358,22 +434,28 @@ def train_step(model, data):
 
     if take_step:
         if needs_gram:
-            cotangent = step.combine(weights, jac_z)
+            with solvers.op_namespace(torch_ops):
+                cotangent = step.combine(weights, jac_z)
             if split is not None:
-                # The heads already hold their tasks' gradients: weigh them.
-                with torch.no_grad():
-                    for t, variables in enumerate(head_variables):
-                        grads_t = [
-                            v.value.grad for v in variables if v.value.grad is not None
-                        ]
-                        if grads_t:
-                            torch._foreach_mul_(grads_t, head_weights[t].to(grads_t[0].dtype))
+                # The heads already hold their tasks' gradients: weigh them,
+                # all in one call.
+                head_grads, head_scales = [], []
+                for scale, values in zip(host_head_weights.tolist(), head_values):
+                    for value in values:
+                        if value.grad is not None:
+                            head_grads.append(value.grad)
+                            head_scales.append(scale)
+                if head_grads:
+                    with torch.no_grad():
+                        torch._foreach_mul_(head_grads, head_scales)
                 targets, output_gradients = [z], [cotangent]
             else:
                 targets = [z, scaled_losses]
                 output_gradients = [
                     cotangent,
-                    head_weights.to(scaled_losses.dtype),
+                    torch.from_numpy(np.array(host_head_weights, np.float32)).to(
+                        device=scaled_losses.device, dtype=scaled_losses.dtype
+                    ),
                 ]
             if scaled_extra is not None:
                 targets.append(scaled_extra)
@@ -398,7 +480,7 @@ def train_step(model, data):
                 )
             if objective.requires_grad:
                 objective.backward()
-        grads = [v.value.grad for v in trainable]
+        grads = [value.grad for value in _values(model, "trainable", trainable)]
         if world > 1:
             _average_gradients(grads, world)
         with torch.no_grad():
@@ -407,7 +489,7 @@ def train_step(model, data):
     weights = weights.detach()
     if take_step:
         model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
-        model._update_task_trackers(weights, logged_ok)
+        model._update_task_trackers(weights, bool(logged_ok))
         model._update_metrics(x, y, y_pred, sample_weight)
     else:
         _restore(protected, saved)

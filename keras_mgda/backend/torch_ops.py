@@ -1,4 +1,5 @@
-"""The `keras.ops` functions the min-norm solver uses, as direct torch calls.
+"""The `keras.ops` functions the min-norm solver, the weightings and the
+step's Gram matrix use, as direct torch calls.
 
 Keras's torch ops convert and check every argument (about 20 us per op on a
 CPU); the solver runs a few hundred small ops per step in eager torch, which
@@ -172,6 +173,26 @@ def round(x):  # noqa: A001
 
 def isfinite(x):
     return torch.isfinite(x)
+
+
+def shape(x):
+    return tuple(x.shape)
+
+
+def reshape(x, new_shape):
+    return torch.reshape(x, tuple(new_shape))
+
+
+def transpose(x, axes=None):
+    return x.permute(*reversed(range(x.dim()))) if axes is None else x.permute(*axes)
+
+
+def matmul(x, y):
+    return torch.matmul(x, y)
+
+
+def tensordot(x, y, axes=2):
+    return torch.tensordot(x, y, dims=axes)
 
 
 def einsum(subscripts, *operands):

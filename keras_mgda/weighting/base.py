@@ -45,6 +45,12 @@ class Weighting(keras.layers.Layer):
         gradient_space: `"representation"` (gradients with respect to the
             shared representation Z, MGDA-UB) or `"parameters"` (with respect
             to the shared weights).
+        host_solvable: whether `call` is a pure function of its inputs
+            written with its module's `ops` (no variables, no random draws),
+            so that the eager torch step may run it on the host, on NumPy
+            arrays, through `solvers.op_namespace` (see
+            `keras_mgda/backend/numpy_ops.py`). Only the built-in methods
+            that are tested that way set it.
         num_tasks: the number of tasks, once built.
 
     Example:
@@ -58,6 +64,7 @@ class Weighting(keras.layers.Layer):
 
     requires_gram = False
     gradient_space = "representation"
+    host_solvable = False
 
     def __init__(self, **kwargs):
         # Weights, Gram matrices and state stay float32 under mixed precision.

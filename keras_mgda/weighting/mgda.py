@@ -2,6 +2,7 @@
 hull of the per-task gradients."""
 
 import keras
+from keras import ops
 
 from keras_mgda import solvers
 from keras_mgda.weighting.base import GRADIENT_SPACES
@@ -54,6 +55,7 @@ class MGDA(Weighting):
     """
 
     requires_gram = True
+    host_solvable = True
 
     def __init__(
         self,
@@ -98,7 +100,7 @@ class MGDA(Weighting):
         normalized = solvers.normalize_gram(gram, divisors)
         # A task with an exactly zero gradient would be the min-norm point on
         # its own and stop the shared weights: leave it out instead.
-        active = keras.ops.diagonal(gram) > 0
+        active = ops.diagonal(gram) > 0
         options = {}
         if self.max_iters is not None:
             options["max_iters"] = self.max_iters
@@ -108,7 +110,7 @@ class MGDA(Weighting):
 
     def head_weights(self, weights):
         if self.head_update == "full":
-            return keras.ops.ones_like(weights)
+            return ops.ones_like(weights)
         return weights
 
     def get_config(self):
