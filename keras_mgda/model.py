@@ -244,9 +244,14 @@ class MultiTaskModel(keras.Model):
     def _train_logs(self, step_taken):
         """Counts a skipped step and returns the logs of the train step:
         Keras's metrics plus the task weights."""
-        self._parts.skipped_tracker.update_state(
-            1.0 - keras.ops.cast(step_taken, "float32")
-        )
+        if isinstance(step_taken, bool):
+            # Eager steps decide on the host: adding 0 is not worth an op.
+            if not step_taken:
+                self._parts.skipped_tracker.update_state(1.0)
+        else:
+            self._parts.skipped_tracker.update_state(
+                1.0 - keras.ops.cast(step_taken, "float32")
+            )
         self._parts.logging_task_weights = True
         try:
             return self.get_metrics_result()

@@ -493,4 +493,4 @@ def train_step(model, data):
         model._update_metrics(x, y, y_pred, sample_weight)
     else:
         _restore(protected, saved)
-    return model._train_logs(step_ok)
+    return model._train_logs(take_step)
