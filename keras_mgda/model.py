@@ -353,6 +353,49 @@ class MultiTaskModel(keras.Model):
             ]
         return parts.output_heads
 
+    def _head_groups(self):
+        """The outputs grouped so that no two groups' heads share a layer or
+        a variable: a list of `(output_indices, head)`, where `head` is a
+        functional model from Z to those outputs (one output: the model of
+        `_output_heads()`, returning a tensor; several: a model returning a
+        list, in the order of `output_indices`). Usually every output is
+        its own group; heads that share a layer must run once together, or
+        the shared layer would update its state (BatchNorm statistics,
+        dropout seeds) once per output."""
+        parts = self._parts
+        if getattr(parts, "head_groups", None) is None:
+            heads = self._output_heads()
+            owners = [
+                {id(l) for l in head.layers if not isinstance(l, keras.layers.InputLayer)}
+                | {id(v) for v in head.variables}
+                for head in heads
+            ]
+            group = list(range(len(heads)))
+
+            def root(i):
+                while group[i] != i:
+                    i = group[i]
+                return i
+
+            for i in range(len(heads)):
+                for j in range(i):
+                    if owners[i] & owners[j]:
+                        group[root(i)] = root(j)
+            members = {}
+            for i in range(len(heads)):
+                members.setdefault(root(i), []).append(i)
+            outputs = keras.tree.flatten(self._outputs_struct)
+            parts.head_groups = [
+                (
+                    indices,
+                    heads[indices[0]]
+                    if len(indices) == 1
+                    else keras.Model(parts.shared_tensor, [outputs[i] for i in indices]),
+                )
+                for indices in members.values()
+            ]
+        return parts.head_groups
+
     def _task_output_indices(self):
         """For each task, the flat index of the output its loss reads."""
         outputs = keras.tree.flatten(self._outputs_struct)

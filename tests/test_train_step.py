@@ -366,3 +366,49 @@ def test_gram_step_equals_loss_step_for_the_same_weights(float64):
         got = through_gram.get_layer(name).get_weights()
         for e, g in zip(expected, got):
             np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_heads_sharing_a_stateful_layer_run_it_once(float64):
+    """Two outputs whose heads share a layer with state (BatchNorm): the
+    Gram-matrix step must run that layer once per step, as Keras does, and
+    update every weight and statistic as the plain weighted-loss step does
+    for the same task weights."""
+
+    def build(weighting):
+        x = keras.Input((6,))
+        z = keras.layers.Dense(5, activation="tanh", name="trunk")(x)
+        shared = keras.layers.Dense(4, name="shared")(z)
+        shared = keras.layers.BatchNormalization(momentum=0.5, name="shared_bn")(shared)
+        outputs = {
+            "a": keras.layers.Dense(1, name="a")(shared),
+            "b": keras.layers.Dense(3, name="b")(shared),
+            "c": keras.layers.Dense(1, name="c")(z),
+        }
+        model = km.MultiTaskModel(x, outputs, weighting=weighting)
+        rng = np.random.default_rng(4)
+        model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
+        model.compile(
+            optimizer=keras.optimizers.SGD(LEARNING_RATE),
+            loss={
+                "a": "mse",
+                "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                "c": keras.losses.BinaryCrossentropy(from_logits=True),
+            },
+        )
+        return model
+
+    x, y = _data()
+    weights = [0.2, 0.5, 0.3]
+    through_gram = build(FixedFromGram(weights))
+    through_loss = build(km.weighting.Static(weights))
+    moving_mean_before = through_gram.get_layer("shared_bn").moving_mean.numpy().copy()
+    through_gram.train_on_batch(x, y)
+    through_loss.train_on_batch(x, y)
+    assert not np.allclose(
+        through_loss.get_layer("shared_bn").moving_mean.numpy(), moving_mean_before
+    )
+    for name in ("trunk", "shared", "shared_bn", "a", "b", "c"):
+        expected = through_loss.get_layer(name).get_weights()
+        got = through_gram.get_layer(name).get_weights()
+        for e, g in zip(expected, got):
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9, err_msg=name)

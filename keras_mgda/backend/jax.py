@@ -129,9 +129,13 @@ def train_step(model, state, data):
         # Each output's head gets its own vjp, so that a task's backward
         # runs its own head only (a vjp of all heads at once would run every
         # head's backward for every task: T^2 head backwards).
-        ys, head_vjps, head_indices = [], [], []
+        # Heads that share a layer form one group and run once together
+        # (running the shared layer per output would update its state once
+        # per output); a task's backward then runs its whole group.
+        ys = [None] * len(keras.tree.flatten(model._outputs_struct))
+        group_outputs, head_vjps, head_indices, place = [], [], [], {}
         position = {id(v): i for i, v in enumerate(trainable)}
-        for head in model._output_heads():
+        for group, (outputs, head) in enumerate(model._head_groups()):
             # Differentiate with respect to this head's own weights only: the
             # others would come back as zeros to add, T times over.
             indices = [position[id(v)] for v in head.trainable_variables]
@@ -144,16 +148,19 @@ def train_step(model, state, data):
                 if i not in own_set
             ]
 
-            def head_fn(z, own_values, head=head, own=own, ntv=ntv, others=others):
+            def head_fn(z, own_values, head=head, own=own, ntv=ntv, others=others, single=len(outputs) == 1):
                 mapping = (
                     list(zip(own, own_values)) + others + list(zip(non_trainable, ntv))
                 )
                 y_out, scope = _scoped(mapping, lambda: head(z, training=True))
-                return y_out, _updated(scope, non_trainable, ntv)
+                return ([y_out] if single else list(y_out)), _updated(scope, non_trainable, ntv)
 
             own_values = [trainable_values[i] for i in indices]
-            y_out, head_vjp, ntv = jax.vjp(head_fn, z, own_values, has_aux=True)
-            ys.append(y_out)
+            y_group, head_vjp, ntv = jax.vjp(head_fn, z, own_values, has_aux=True)
+            for slot, output in enumerate(outputs):
+                ys[output] = y_group[slot]
+                place[output] = (group, slot)
+            group_outputs.append(y_group)
             head_vjps.append(head_vjp)
             head_indices.append(indices)
 
@@ -197,9 +204,12 @@ def train_step(model, state, data):
             task_cotangents = [stacked[i][t] for t, i in enumerate(output_indices)]
         jac_z, jac_params = [], []
         for t, output_index in enumerate(output_indices):
-            dz, dparams = head_vjps[output_index](task_cotangents[t])
+            group, slot = place[output_index]
+            cotangent = [jnp.zeros_like(y) for y in group_outputs[group]]
+            cotangent[slot] = task_cotangents[t]
+            dz, dparams = head_vjps[group](cotangent)
             jac_z.append(dz)
-            jac_params.append((head_indices[output_index], dparams))
+            jac_params.append((head_indices[group], dparams))
         per_task_z = jnp.stack(jac_z)
         if weighting.gradient_space == "parameters":
             jacobians = jax.vmap(lambda g: encoder_vjp(g)[0])(per_task_z)

@@ -194,17 +194,12 @@ def _separable_heads(model):
     output_heads = model._output_heads()
     task_of_output = model._task_output_indices()
     if sorted(task_of_output) == list(range(len(output_heads))):
-        layer_sets = [
-            {id(l) for l in head.layers if not isinstance(l, keras.layers.InputLayer)}
-            for head in output_heads
-        ]
-        variable_sets = [{id(v) for v in head.trainable_variables} for head in output_heads]
-        disjoint = sum(len(s) for s in layer_sets) == len(set().union(*layer_sets))
-        disjoint = disjoint and (
-            sum(len(s) for s in variable_sets) == len(set().union(*variable_sets))
+        disjoint = len(model._head_groups()) == len(output_heads)
+        head_variables = set().union(
+            *({id(v) for v in head.trainable_variables} for head in output_heads)
         )
         encoder_variables = {id(v) for v in model.encoder.trainable_variables}
-        if disjoint and not encoder_variables & set().union(*variable_sets):
+        if disjoint and not encoder_variables & head_variables:
             result = (
                 output_heads,
                 task_of_output,
