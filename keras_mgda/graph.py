@@ -171,6 +171,25 @@ def resolve_shared(model, shared):
     return shared
 
 
+def _operations_above(tensors, stop_id=None):
+    """The operations that produce `tensors` and everything they read,
+    going up no further than the tensor with id `stop_id`; and whether an
+    input was reached on the way (then `stop_id` is not a cut)."""
+    operations, seen, stack, reached_input = {}, set(), list(tensors), False
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen or id(tensor) == stop_id:
+            continue
+        seen.add(id(tensor))
+        node = _producing_node(tensor)
+        if node is None or node.is_input or not node.input_tensors:
+            reached_input = True
+            continue
+        operations[id(node.operation)] = node.operation
+        stack.extend(node.input_tensors)
+    return operations, reached_input
+
+
 def split_at(model, shared_tensor):
     """Splits a functional model into encoder (inputs -> Z) and heads
     (Z -> outputs), sharing the model's layers and weights.
@@ -183,6 +202,21 @@ def split_at(model, shared_tensor):
         `(encoder, heads)`, two functional models.
     """
     outputs = model._outputs_struct
+    trunk, _ = _operations_above([shared_tensor])
+    heads, not_a_cut = _operations_above(
+        keras.tree.flatten(outputs), stop_id=id(shared_tensor)
+    )
+    on_both_sides = [op.name for key, op in trunk.items() if key in heads]
+    if on_both_sides and not not_a_cut:
+        raise ValueError(
+            f"Layer(s) {on_both_sides} are called both before and after the "
+            f"shared representation '{getattr(shared_tensor, 'name', shared_tensor)}' "
+            "(their weights are tied between the trunk and a head). "
+            "keras_mgda splits the model at the shared representation, so "
+            "every layer must be on one side of it: use separate layers in "
+            "the heads, or name with `shared=` a tensor below which no trunk "
+            "layer is called again."
+        )
     try:
         encoder = keras.Model(model._inputs_struct, shared_tensor)
         heads = keras.Model(shared_tensor, outputs)

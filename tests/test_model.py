@@ -126,6 +126,18 @@ def test_skip_around_the_last_trunk_layer_moves_z_earlier():
     assert model.encoder.layers[-1].name == "t1"
 
 
+def test_layer_tied_between_trunk_and_head_is_named():
+    """A layer called below Z and again in a head cannot be split; the
+    error must name it, not blame the choice of Z."""
+    x = keras.Input((5,))
+    tied = keras.layers.Dense(5, activation="tanh", name="tied")
+    z = tied(keras.layers.Dense(5, name="pre")(x))
+    a = keras.layers.Dense(1, name="a")(tied(z))
+    b = keras.layers.Dense(1, name="b")(z)
+    with pytest.raises(ValueError, match=r"\['tied'\] are called both before and after"):
+        km.MGDAModel(x, {"a": a, "b": b})
+
+
 def test_shared_that_is_not_a_cut_is_refused():
     x = keras.Input((4,))
     t1 = keras.layers.Dense(4, name="t1")(x)
