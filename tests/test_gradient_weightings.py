@@ -54,6 +54,21 @@ def measure(name, value):
     MEASURED[name] = max(MEASURED.get(name, 0.0), float(value))
 
 
+# The torch step solves `host_solvable` methods on NumPy arrays
+# (`numpy_ops`): on torch, every test runs a second time with `weigh`
+# taking that path, so the NumPy solve is held to the same properties.
+ENGINES = ["keras", "numpy"] if BACKEND == "torch" else ["keras"]
+ENGINE = "keras"
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request):
+    global ENGINE
+    ENGINE = request.param
+    yield request.param
+    ENGINE = "keras"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
@@ -114,6 +129,15 @@ def weigh(weighting, gram, losses=None, xla=False):
     num_tasks = gram.shape[-1]
     if losses is None:
         losses = np.ones(num_tasks, np.float32)
+    if ENGINE == "numpy" and weighting.host_solvable:
+        from keras_mgda import solvers
+        from keras_mgda.backend import numpy_ops
+
+        with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
+            weights = weighting(np.asarray(losses, np.float32), gram)
+        assert type(weights) is np.ndarray, type(weights)
+        assert weights.shape == (num_tasks,) and weights.dtype == np.float32
+        return weights
     key = _key(weighting, num_tasks, xla)
     if key not in _COMPILED:
         _COMPILED[key] = _compile(weighting, xla)

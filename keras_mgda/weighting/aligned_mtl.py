@@ -61,6 +61,8 @@ class AlignedMTL(GradientWeighting):
     ```
     """
 
+    host_solvable = True
+
     def __init__(self, scale_mode="min", mode="representation", head_update="full", **kwargs):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         check_choice("scale_mode", scale_mode, SCALE_MODES)

@@ -91,6 +91,8 @@ class CAGrad(GradientWeighting):
     ```
     """
 
+    host_solvable = True
+
     def __init__(self, c=0.4, rescale=1, mode="representation", head_update="full", **kwargs):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         if not c >= 0:

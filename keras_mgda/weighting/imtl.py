@@ -63,6 +63,8 @@ class IMTLG(GradientWeighting):
     ```
     """
 
+    host_solvable = True
+
     def call(self, losses, gram=None):
         gram = GramInput(gram)
         return gram.finish(impartial_weights(gram))

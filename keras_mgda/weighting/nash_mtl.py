@@ -80,6 +80,8 @@ class NashMTL(GradientWeighting):
     ```
     """
 
+    host_solvable = True
+
     def __init__(
         self,
         max_norm=1.0,

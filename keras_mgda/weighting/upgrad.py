@@ -59,6 +59,8 @@ class UPGrad(GradientWeighting):
     ```
     """
 
+    host_solvable = True
+
     def __init__(self, mode="representation", head_update="full", max_rounds=None, **kwargs):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.max_rounds = max_rounds
