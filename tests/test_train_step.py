@@ -279,6 +279,7 @@ def test_torch_heads_sharing_a_layer_take_the_per_task_path():
 class _RecordingMGDA(km.weighting.MGDA):
     """MGDA that records the type of the Gram matrix it is given."""
 
+    host_solvable = True  # a subclass opts in itself
     seen = []
 
     def call(self, losses, gram=None):
@@ -287,6 +288,7 @@ class _RecordingMGDA(km.weighting.MGDA):
 
 
 class _StatefulMGDA(_RecordingMGDA):
+    host_solvable = True  # opted in, but has state: stays on torch
     seen = []
 
     def build(self, num_tasks, task_names=None):
@@ -322,6 +324,14 @@ def test_torch_solves_stateless_weightings_on_the_host(monkeypatch):
     monkeypatch.undo()
     _build(_StatefulMGDA()).train_on_batch(x, y)
     assert _StatefulMGDA.seen == [torch.Tensor]
+
+    class Inheriting(km.weighting.MGDA):  # may use keras.ops: not opted in
+        def call(self, losses, gram=None):
+            Inheriting.seen = type(gram)
+            return super().call(losses, gram)
+
+    _build(Inheriting()).train_on_batch(x, y)
+    assert Inheriting.seen is torch.Tensor
 
 
 class FixedFromGram(km.weighting.Static):

@@ -282,11 +282,13 @@ def _to_host(*tensors):
 
 def _solves_on_host(weighting):
     """Whether the weighting's T x T problem is solved with NumPy: a
-    stateless method that declares it (`Weighting.host_solvable`). Its
-    inputs are read back once for the finiteness check anyway, and the
+    stateless method whose own class declares it (`Weighting.host_solvable`;
+    not inherited, since a subclass may compute with keras.ops directly).
+    Its inputs are read back once for the finiteness check anyway, and the
     solver's few hundred small ops are cheaper there than as torch calls
     (kernel launches on a GPU)."""
-    return getattr(weighting, "host_solvable", False) and not weighting.variables
+    declared = vars(type(weighting)).get("host_solvable", False)
+    return declared and not weighting.variables
 
 
 def train_step(model, data):

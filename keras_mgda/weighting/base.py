@@ -50,7 +50,9 @@ class Weighting(keras.layers.Layer):
             so that the eager torch step may run it on the host, on NumPy
             arrays, through `solvers.op_namespace` (see
             `keras_mgda/backend/numpy_ops.py`). Only the built-in methods
-            that are tested that way set it.
+            that are tested that way set it, and only the class that sets
+            it is solved that way: a subclass runs on torch tensors unless
+            it sets it again.
         num_tasks: the number of tasks, once built.
 
     Example:
