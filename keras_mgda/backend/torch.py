@@ -46,6 +46,12 @@ Multi-process data parallelism (`torch.distributed`):
 
     Every decision that needs a value (raise or skip a non-finite step) is
     a Python `if` on one boolean, a single device-to-host read per step.
+
+The losses and the Gram matrix come back to the host in that one read, and
+the T x T problem of a stateless weighting that declares
+`host_solvable` (MGDA, CAGrad, IMTL-G, Nash-MTL, UPGrad) is solved there,
+on NumPy arrays, by the same code (`solvers.op_namespace(numpy_ops)`);
+other weightings run on direct torch calls (`torch_ops`).
 """
 
 import keras
