@@ -16,6 +16,9 @@ import torch
 from keras.src.backend.torch.core import get_device
 from keras.src.backend.torch.core import to_torch_dtype
 
+# Eager loops are plain Python loops, the same for NumPy and torch.
+from keras_mgda.backend.numpy_ops import while_loop  # noqa: F401
+
 
 def _dtype(dtype):
     return None if dtype is None else to_torch_dtype(dtype)
@@ -201,17 +204,6 @@ def einsum(subscripts, *operands):
 
 def one_hot(x, num_classes, dtype="float32"):
     return torch.nn.functional.one_hot(x.long(), num_classes).to(_dtype(dtype))
-
-
-def while_loop(cond, body, loop_vars, maximum_iterations=None):
-    loop_vars = tuple(loop_vars)
-    iteration = 0
-    while (maximum_iterations is None or iteration < maximum_iterations) and bool(
-        cond(*loop_vars)
-    ):
-        loop_vars = tuple(body(*loop_vars))
-        iteration += 1
-    return loop_vars
 
 
 def __getattr__(name):
