@@ -48,14 +48,20 @@ def _build(weighting, seed=0, loss_weights=None):
             )
     model.compile(
         optimizer=keras.optimizers.SGD(LEARNING_RATE),
-        loss={
-            "a": "mse",
-            "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            "c": keras.losses.BinaryCrossentropy(from_logits=True),
-        },
+        loss=_losses("abc"),
         loss_weights=loss_weights,
     )
     return model
+
+
+def _losses(outputs):
+    """The compiled loss of each of the outputs named "a", "b", "c"."""
+    losses = {
+        "a": "mse",
+        "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "c": keras.losses.BinaryCrossentropy(from_logits=True),
+    }
+    return {name: losses[name] for name in outputs}
 
 
 def _data(seed=1, batch=16):
@@ -346,36 +352,48 @@ def test_gram_step_equals_loss_step_for_the_same_weights(float64):
     through the heads, one encoder backward with the combined cotangent)
     must update every weight as the plain weighted-loss step does."""
 
-    def build(weighting):
-        x = keras.Input((6,))
+    def outputs(x):
         h = keras.layers.Dense(5, activation="tanh", name="in")(x)
         z = keras.layers.Dense(5, activation="tanh", name="trunk")(h)
         head_a = keras.layers.Dense(5, activation="tanh", name="a_hidden")(z)
-        outputs = {
+        return {
             "a": keras.layers.Dense(1, name="a")(head_a),
             "b": keras.layers.Dense(3, name="b")(z),
         }
-        model = km.MultiTaskModel(x, outputs, weighting=weighting)
-        rng = np.random.default_rng(3)
+
+    _assert_gram_step_equals_loss_step(outputs, [0.3, 0.7], seed=3)
+
+
+def _assert_gram_step_equals_loss_step(outputs, weights, seed):
+    """Builds the model `outputs(x)` twice from the same random weights,
+    steps once with the task weights `weights` through the Gram-matrix step
+    and through the weighted-loss step, and checks that every layer's
+    weights (statistics included) agree. Returns both models and the
+    weights of each layer before the step."""
+
+    def build(weighting):
+        x = keras.Input((6,))
+        model = km.MultiTaskModel(x, outputs(x), weighting=weighting)
+        rng = np.random.default_rng(seed)
         model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
         model.compile(
-            optimizer=keras.optimizers.SGD(LEARNING_RATE),
-            loss={"a": "mse", "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+            optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=_losses(model.output_names)
         )
         return model
 
     x, y = _data()
-    y = {"a": y["a"], "b": y["b"]}
-    weights = [0.3, 0.7]
     through_gram = build(FixedFromGram(weights))
     through_loss = build(km.weighting.Static(weights))
+    y = {name: y[name] for name in through_gram.output_names}
+    before = {layer.name: layer.get_weights() for layer in through_gram.layers}
     through_gram.train_on_batch(x, y)
     through_loss.train_on_batch(x, y)
-    for name in ("in", "trunk", "a_hidden", "a", "b"):
-        expected = through_loss.get_layer(name).get_weights()
-        got = through_gram.get_layer(name).get_weights()
+    for expected_layer, got_layer in zip(through_loss.layers, through_gram.layers):
+        expected, got = expected_layer.get_weights(), got_layer.get_weights()
+        assert len(got) == len(expected), got_layer.name
         for e, g in zip(expected, got):
-            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9, err_msg=got_layer.name)
+    return through_gram, through_loss, before
 
 
 def test_heads_sharing_a_stateful_layer_run_it_once(float64):
@@ -384,41 +402,21 @@ def test_heads_sharing_a_stateful_layer_run_it_once(float64):
     update every weight and statistic as the plain weighted-loss step does
     for the same task weights."""
 
-    def build(weighting):
-        x = keras.Input((6,))
+    def outputs(x):
         z = keras.layers.Dense(5, activation="tanh", name="trunk")(x)
         shared = keras.layers.Dense(4, name="shared")(z)
         shared = keras.layers.BatchNormalization(momentum=0.5, name="shared_bn")(shared)
-        outputs = {
+        return {
             "a": keras.layers.Dense(1, name="a")(shared),
             "b": keras.layers.Dense(3, name="b")(shared),
             "c": keras.layers.Dense(1, name="c")(z),
         }
-        model = km.MultiTaskModel(x, outputs, weighting=weighting)
-        rng = np.random.default_rng(4)
-        model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
-        model.compile(
-            optimizer=keras.optimizers.SGD(LEARNING_RATE),
-            loss={
-                "a": "mse",
-                "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                "c": keras.losses.BinaryCrossentropy(from_logits=True),
-            },
-        )
-        return model
 
-    x, y = _data()
-    weights = [0.2, 0.5, 0.3]
-    through_gram = build(FixedFromGram(weights))
-    through_loss = build(km.weighting.Static(weights))
-    moving_mean_before = through_gram.get_layer("shared_bn").moving_mean.numpy().copy()
-    through_gram.train_on_batch(x, y)
-    through_loss.train_on_batch(x, y)
-    assert not np.allclose(
-        through_loss.get_layer("shared_bn").moving_mean.numpy(), moving_mean_before
+    _, through_loss, before = _assert_gram_step_equals_loss_step(
+        outputs, [0.2, 0.5, 0.3], seed=4
     )
-    for name in ("trunk", "shared", "shared_bn", "a", "b", "c"):
-        expected = through_loss.get_layer(name).get_weights()
-        got = through_gram.get_layer(name).get_weights()
-        for e, g in zip(expected, got):
-            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-9, err_msg=name)
+    # The statistics moved: the comparison above is not vacuous.
+    assert not np.allclose(
+        through_loss.get_layer("shared_bn").moving_mean.numpy(),
+        before["shared_bn"][2],
+    )
