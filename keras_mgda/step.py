@@ -5,7 +5,7 @@ import keras
 from keras import ops
 
 
-def gram_from_jacobians(jacobians, loss_scale=None):
+def gram_from_jacobians(jacobians, loss_scale=None, *, ops=ops):
     """Gram matrix M = G G^T of per-task gradients, in float32.
 
     Args:
@@ -32,7 +32,7 @@ def gram_from_jacobians(jacobians, loss_scale=None):
     return gram
 
 
-def combine(weights, jacobian):
+def combine(weights, jacobian, *, ops=ops):
     """sum_t weights_t * jacobian_t, in the jacobian's dtype.
 
     Args:
@@ -46,7 +46,7 @@ def combine(weights, jacobian):
     return ops.tensordot(weights, jacobian, axes=1)
 
 
-def task_finite(losses, gram):
+def task_finite(losses, gram, *, ops=ops):
     """Per-task flags: the task's loss and gradient are finite.
 
     Args:
@@ -63,11 +63,11 @@ def task_finite(losses, gram):
     return finite
 
 
-def weights_finite(weights):
+def weights_finite(weights, *, ops=ops):
     return ops.all(ops.isfinite(weights))
 
 
-def step_flags(optimizer, losses, gram, weights):
+def step_flags(optimizer, losses, gram, weights, *, ops=ops):
     """Whether this step's values are finite, shared by every backend.
 
     Args:
@@ -83,10 +83,10 @@ def step_flags(optimizer, losses, gram, weights):
         skips those steps and lowers its scale itself), so only the losses
         must be finite for the step.
     """
-    per_task_ok = task_finite(losses, gram)
-    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_finite(weights))
+    per_task_ok = task_finite(losses, gram, ops=ops)
+    logged_ok = ops.logical_and(ops.all(per_task_ok), weights_finite(weights, ops=ops))
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return per_task_ok, logged_ok, ops.all(task_finite(losses, None))
+        return per_task_ok, logged_ok, ops.all(task_finite(losses, None, ops=ops))
     return per_task_ok, logged_ok, logged_ok
 
 

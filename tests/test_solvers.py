@@ -615,14 +615,13 @@ def test_direct_torch_namespace_gives_the_same_weights(dtype):
         grams = ops.convert_to_tensor(grams)
         mask = None if mask is None else ops.convert_to_tensor(mask)
 
-        def run():
-            divisors = solvers.normalization_divisors(grams, losses, "loss+")
-            normalized = solvers.normalize_gram(grams, divisors)
-            return ops.convert_to_numpy(solvers.min_norm(normalized, mask=mask))
+        def run(namespace):
+            divisors = solvers.normalization_divisors(grams, losses, "loss+", ops=namespace)
+            normalized = solvers.normalize_gram(grams, divisors, ops=namespace)
+            return ops.convert_to_numpy(solvers.min_norm(normalized, mask=mask, ops=namespace))
 
-        expected = run()
-        with solvers.op_namespace(torch_ops):
-            got = run()
+        expected = run(ops)
+        got = run(torch_ops)
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
 
@@ -635,8 +634,8 @@ UNIQUE_FAMILIES = ("random", "correlated", "orthogonal", "opposite", "zero_gradi
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES + ["conflicting"])
 def test_numpy_namespace_is_as_exact(dtype, family):
-    """The eager torch step solves MGDA's problem on the host, through
-    `solvers.op_namespace(numpy_ops)`: the same code on NumPy arrays must
+    """The eager torch step solves MGDA's problem on the host, with
+    `ops=numpy_ops`: the same code on NumPy arrays must
     meet the same accuracy targets, keep the dtype and the masks, and give
     keras.ops's weights wherever the optimum is unique."""
     from keras_mgda.backend import numpy_ops
@@ -645,9 +644,9 @@ def test_numpy_namespace_is_as_exact(dtype, family):
     for num_tasks in SIZES:
         grams = make_grams(family, num_tasks, dtype, BATCH)
         mask = rng.uniform(size=grams.shape[:-1]) > 0.25
-        with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
-            alphas = solvers.min_norm(grams)
-            masked = solvers.min_norm(grams, mask=mask)
+        with np.errstate(all="ignore"):
+            alphas = solvers.min_norm(grams, ops=numpy_ops)
+            masked = solvers.min_norm(grams, mask=mask, ops=numpy_ops)
         assert type(alphas) is np.ndarray and alphas.dtype == np.dtype(dtype)
         assert np.all(alphas >= 0)
         np.testing.assert_allclose(alphas.sum(-1), 1.0, atol=4 * num_tasks * EPS[dtype])
@@ -672,6 +671,6 @@ def test_numpy_namespace_non_finite_input_gives_nan_weights():
 
     grams = make_grams("random", 5, "float32", 2)
     grams[1, 2, 3] = np.inf
-    with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
-        alphas = solvers.min_norm(grams)
+    with np.errstate(all="ignore"):
+        alphas = solvers.min_norm(grams, ops=numpy_ops)
     assert np.all(np.isfinite(alphas[0])) and np.all(np.isnan(alphas[1]))

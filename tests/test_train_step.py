@@ -283,18 +283,19 @@ def test_torch_heads_sharing_a_layer_take_the_per_task_path():
 
 
 class _RecordingMGDA(km.weighting.MGDA):
-    """MGDA that records the type of the Gram matrix it is given."""
+    """MGDA that records the type of the Gram matrix it is given; its `call`
+    takes the array namespace, so it inherits MGDA's host solve."""
 
-    host_solvable = True  # a subclass opts in itself
     seen = []
 
-    def call(self, losses, gram=None):
+    def call(self, losses, gram=None, ops=keras.ops):
         type(self).seen.append(type(gram))
-        return super().call(losses, gram)
+        return super().call(losses, gram, ops=ops)
 
 
 class _StatefulMGDA(_RecordingMGDA):
-    host_solvable = True  # opted in, but has state: stays on torch
+    """Inherits the host solve, but has state: stays on torch."""
+
     seen = []
 
     def build(self, num_tasks, task_names=None):
@@ -331,7 +332,7 @@ def test_torch_solves_stateless_weightings_on_the_host(monkeypatch):
     _build(_StatefulMGDA()).train_on_batch(x, y)
     assert _StatefulMGDA.seen == [torch.Tensor]
 
-    class Inheriting(km.weighting.MGDA):  # may use keras.ops: not opted in
+    class Inheriting(km.weighting.MGDA):  # takes no namespace: keras.ops
         def call(self, losses, gram=None):
             Inheriting.seen = type(gram)
             return super().call(losses, gram)

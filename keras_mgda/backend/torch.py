@@ -60,8 +60,8 @@ import torch
 import torch.distributed as dist
 from keras import ops
 
-from keras_mgda import solvers
 from keras_mgda import step
+from keras_mgda.weighting.base import call_with_ops
 from keras_mgda.backend import numpy_ops
 from keras_mgda.backend import torch_ops
 
@@ -287,14 +287,11 @@ def _to_host(*tensors):
 
 
 def _solves_on_host(weighting):
-    """Whether the weighting's T x T problem is solved with NumPy: a
-    stateless method whose own class declares it (`Weighting.host_solvable`;
-    not inherited, since a subclass may compute with keras.ops directly).
-    Its inputs are read back once for the finiteness check anyway, and the
-    solver's few hundred small ops are cheaper there than as torch calls
-    (kernel launches on a GPU)."""
-    declared = vars(type(weighting)).get("host_solvable", False)
-    return declared and not weighting.variables
+    """Whether the weighting's T x T problem is solved with NumPy
+    (`Weighting.solvable_on_host`). Its inputs are read back once for the
+    finiteness check anyway, and the solver's few hundred small ops are
+    cheaper there than as torch calls (kernel launches on a GPU)."""
+    return weighting.solvable_on_host
 
 
 def train_step(model, data):
@@ -388,8 +385,7 @@ def train_step(model, data):
         else:
             jacobians = [jac_z]
         loss_scale = optimizer.scale_loss(torch.ones((), dtype=torch.float32))
-        with solvers.op_namespace(torch_ops):
-            gram = step.gram_from_jacobians(jacobians, loss_scale)
+        gram = step.gram_from_jacobians(jacobians, loss_scale, ops=torch_ops)
         if world > 1 and not in_parameters:
             # Sum of the local Gram matrices / R^2: the Gram matrix of the
             # gradients of the mean of the processes' losses.
@@ -398,15 +394,16 @@ def train_step(model, data):
         losses_for_check = losses32
         if _solves_on_host(weighting):
             host_losses, host_gram = _to_host(losses32, gram)
-            with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
-                host_weights = weighting(host_losses, host_gram)
-                host_head_weights = weighting.head_weights(host_weights)
+            with np.errstate(all="ignore"):
+                host_weights = weighting(host_losses, host_gram, ops=numpy_ops)
+                host_head_weights = call_with_ops(weighting.head_weights, host_weights, ops=numpy_ops)
             weights = torch.from_numpy(np.array(host_weights, np.float32)).to(gram.device)
             host_values = (host_losses, host_gram, host_weights)
         else:
-            with solvers.op_namespace(torch_ops):
-                weights = weighting(losses32, gram).detach()
-                head_weights = torch_ops.convert_to_tensor(weighting.head_weights(weights))
+            weights = weighting(losses32, gram, ops=torch_ops).detach()
+            head_weights = torch_ops.convert_to_tensor(
+                call_with_ops(weighting.head_weights, weights, ops=torch_ops)
+            )
             *host_values, host_head_weights = _to_host(losses32, gram, weights, head_weights)
         weighting_loss = weighting.loss(losses32, gram.detach())
     else:
@@ -421,8 +418,8 @@ def train_step(model, data):
     # The flags are decided on the host from one read-back (the step
     # branches on them in Python anyway), and from all-reduced values, so
     # all processes agree without another collective.
-    with solvers.op_namespace(numpy_ops), np.errstate(all="ignore"):
-        per_task_ok, logged_ok, step_ok = step.step_flags(optimizer, *host_values)
+    with np.errstate(all="ignore"):
+        per_task_ok, logged_ok, step_ok = step.step_flags(optimizer, *host_values, ops=numpy_ops)
     take_step = bool(step_ok)
 
     if not take_step and model.on_nonfinite == "raise":
@@ -437,8 +434,7 @@ def train_step(model, data):
 
     if take_step:
         if needs_gram:
-            with solvers.op_namespace(torch_ops):
-                cotangent = step.combine(weights, jac_z)
+            cotangent = step.combine(weights, jac_z, ops=torch_ops)
             if split is not None:
                 # The heads already hold their tasks' gradients: weigh them,
                 # all in one call.

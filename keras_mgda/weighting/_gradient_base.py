@@ -1,22 +1,26 @@
 """Shared pieces of the weightings that read the Gram matrix of the task
-gradients (PCGrad, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad).
+gradients (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad).
 
-Everything is `keras.ops`, with fixed shapes and capped loops, so the
+Everything computes with the namespace of array functions it is given
+(`ops`: `keras.ops` by default), with fixed shapes and capped loops, so the
 methods run on TensorFlow, JAX and PyTorch, inside `tf.function` (XLA too)
-and `jax.jit`.
+and `jax.jit`, and on NumPy arrays in the eager torch step's host solve.
 """
 
+import keras
 import numpy as np
-from keras import ops
 
-from keras_mgda import solvers
+from keras_mgda import numerics as nx
 from keras_mgda.weighting.base import GRADIENT_SPACES
 from keras_mgda.weighting.base import Weighting
+
+__all__ = ["HEAD_UPDATES", "GradientWeighting", "GramInput", "check_choice"]
 
 HEAD_UPDATES = ("scaled", "full")
 
 
 def check_choice(name, value, choices):
+    """Raises a ValueError naming the choices when `value` is not one."""
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; use one of {choices}.")
 
@@ -25,6 +29,7 @@ class GramInput:
     """The Gram matrix as the methods use it.
 
     Attributes:
+        ops: the namespace of array functions to compute with.
         dtype: the compute dtype (float64 for float64 input, else float32).
         num_tasks: T, static.
         unit: M / 2**k with 2**k near the largest diagonal entry (an exact
@@ -36,45 +41,46 @@ class GramInput:
         eps: machine epsilon of the compute dtype (a Python float).
     """
 
-    def __init__(self, gram):
+    def __init__(self, gram, ops=keras.ops):
+        self.ops = ops
         gram = ops.stop_gradient(ops.convert_to_tensor(gram))  # weights are constants
-        dtype = solvers._float_dtype(gram)
+        dtype = nx.float_dtype(gram)
         self.dtype = dtype if dtype in ("float32", "float64") else "float32"
         gram = ops.cast(gram, self.dtype)
         num_tasks = gram.shape[-1]
         if len(gram.shape) != 2 or num_tasks is None or gram.shape[0] != num_tasks:
             raise ValueError(f"gram must have a static (T, T) shape, got {gram.shape}")
         self.num_tasks = num_tasks
-        self.eps = float(np.finfo(self.dtype).eps)
+        self.eps = nx.eps(self.dtype)
         self.finite = ops.all(ops.isfinite(gram))
         gram = ops.where(self.finite, gram, ops.eye(num_tasks, dtype=self.dtype))
-        diag = ops.diagonal(gram)
-        largest = ops.max(diag)
+        largest = ops.max(ops.diagonal(gram))
         largest = ops.where(largest > 0, largest, 1.0)
-        self.scale = solvers._power_of_two_near(largest)
+        self.scale = nx.power_of_two_near(largest, ops=ops)
         self.unit = gram / self.scale
         self.active = ops.diagonal(self.unit) > 0
 
     def const(self, value):
-        return ops.convert_to_tensor(value, dtype=self.dtype)
+        return self.ops.convert_to_tensor(value, dtype=self.dtype)
 
     def norms(self):
         """sqrt(diag(unit)), with 1 for inactive tasks (safe divisors)."""
+        ops = self.ops
         diag = ops.diagonal(self.unit)
         return ops.where(self.active, ops.sqrt(ops.where(self.active, diag, 1.0)), 1.0)
 
     def correlation(self):
         """C_ij = M_ij / (|g_i| |g_j|) between active tasks, identity rows and
         columns for inactive ones: the Gram matrix of the unit gradients."""
+        ops = self.ops
         norms = self.norms()
         pair = self.active[:, None] & self.active[None, :]
         corr = self.unit / norms[:, None] / norms[None, :]
-        eye = ops.eye(self.num_tasks, dtype=self.dtype)
-        return ops.where(pair, corr, eye)
+        return ops.where(pair, corr, ops.eye(self.num_tasks, dtype=self.dtype))
 
     def finish(self, weights):
         """NaN weights for non-finite input, in the input's compute dtype."""
-        return ops.where(self.finite, weights, np.nan)
+        return self.ops.where(self.finite, weights, np.nan)
 
 
 class GradientWeighting(Weighting):
@@ -102,7 +108,7 @@ class GradientWeighting(Weighting):
     def gradient_space(self):
         return self.mode
 
-    def head_weights(self, weights):
+    def head_weights(self, weights, ops=keras.ops):
         if self.head_update == "full":
             return ops.ones_like(weights)
         return weights

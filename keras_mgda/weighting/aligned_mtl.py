@@ -3,12 +3,13 @@ alignment, from the eigendecomposition of the Gram matrix."""
 
 import keras
 import numpy as np
-from keras import ops
 
-from keras_mgda import solvers
+from keras_mgda import numerics as nx
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
 from keras_mgda.weighting._gradient_base import check_choice
+
+__all__ = ["AlignedMTL", "balance_transformation"]
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -71,9 +72,9 @@ class AlignedMTL(GradientWeighting):
         check_choice("scale_mode", scale_mode, SCALE_MODES)
         self.scale_mode = scale_mode
 
-    def call(self, losses, gram=None):
-        gram = GramInput(gram)
-        balance = balance_transformation(gram.unit, self.scale_mode)
+    def call(self, losses, gram=None, ops=keras.ops):
+        gram = GramInput(gram, ops)
+        balance = balance_transformation(gram.unit, self.scale_mode, ops=ops)
         return gram.finish(ops.sum(balance, axis=-1))
 
     def get_config(self):
@@ -82,12 +83,13 @@ class AlignedMTL(GradientWeighting):
         return config
 
 
-def balance_transformation(gram, scale_mode="min"):
+def balance_transformation(gram, scale_mode="min", *, ops=keras.ops):
     """Aligned-MTL's balance transformation B, so that B M B = s V_R V_R^T.
 
     Args:
         gram: (T, T) symmetric positive semi-definite Gram matrix M.
         scale_mode: `"min"`, `"median"` or `"rmse"` (see `AlignedMTL`).
+        ops: the namespace of array functions (default `keras.ops`).
 
     Returns:
         (T, T) symmetric matrix B; the identity when M is zero.
@@ -100,7 +102,7 @@ def balance_transformation(gram, scale_mode="min"):
     """
     check_choice("scale_mode", scale_mode, SCALE_MODES)
     gram = ops.convert_to_tensor(gram)
-    dtype = solvers._float_dtype(gram)
+    dtype = nx.float_dtype(gram)
     gram = ops.cast(gram, dtype)
     num_tasks = gram.shape[-1]
     eps = float(np.finfo(dtype).eps)

@@ -13,16 +13,50 @@ they are saved in `.keras` files, carried through JAX's stateless step,
 mirrored under tf.distribute and left untouched by a skipped step.
 """
 
+import functools
+import inspect
+
 import keras
 
+__all__ = ["GRADIENT_SPACES", "Weighting", "by_name", "call_with_ops", "get", "per_task_values"]
+
 GRADIENT_SPACES = ("representation", "parameters")
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_ops(function):
+    try:
+        return "ops" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_with_ops(method, *args, ops=None):
+    """Calls a weighting's `call` or `head_weights` with the array namespace
+    `ops` when the method takes one (see `Weighting`), else without.
+
+    Args:
+        method: a bound method.
+        *args: its positional arguments.
+        ops: None (Keras's own ops) or a namespace like `keras.ops`.
+
+    Returns:
+        What the method returns.
+    """
+    if ops is not None and _accepts_ops(getattr(method, "__func__", method)):
+        return method(*args, ops=ops)
+    return method(*args)
 
 
 class Weighting(keras.layers.Layer):
     """Base class of the task weightings.
 
     Subclasses implement `call(losses, gram)` and set `requires_gram` when
-    they need the Gram matrix of the per-task gradients. Optional hooks:
+    they need the Gram matrix of the per-task gradients. A `call` (and a
+    `head_weights`) that also takes an `ops` argument computes with that
+    namespace of array functions instead of `keras.ops`: the eager torch
+    step then passes direct torch calls, or NumPy (see `host_solvable`).
+    Optional hooks:
 
     - `build(num_tasks)` creates the method's variables once the number of
       tasks is known (the model calls it when it reads the compiled losses).
@@ -45,14 +79,13 @@ class Weighting(keras.layers.Layer):
         gradient_space: `"representation"` (gradients with respect to the
             shared representation Z, MGDA-UB) or `"parameters"` (with respect
             to the shared weights).
-        host_solvable: whether `call` is a pure function of its inputs
-            written with its module's `ops` (no variables, no random draws),
-            so that the eager torch step may run it on the host, on NumPy
-            arrays, through `solvers.op_namespace` (see
-            `keras_mgda/backend/numpy_ops.py`). Only the built-in methods
-            that are tested that way set it, and only the class that sets
-            it is solved that way: a subclass runs on torch tensors unless
-            it sets it again.
+        host_solvable: whether the eager torch step may run `call` on the
+            host, on NumPy arrays (`keras_mgda.backend.numpy_ops` passed as
+            `ops`), where its small loops cost a fraction of as many torch
+            calls. It applies only when `call` takes `ops` and the weighting
+            has no variables (no state, no random draws): a subclass
+            inherits it, and one whose `call` computes with `keras.ops`
+            directly (no `ops` argument) runs on torch tensors.
         num_tasks: the number of tasks, once built.
 
     Example:
@@ -87,7 +120,7 @@ class Weighting(keras.layers.Layer):
         self.num_tasks = int(num_tasks)
         self.task_names = None if task_names is None else list(task_names)
 
-    def __call__(self, losses, gram=None):
+    def __call__(self, losses, gram=None, *, ops=None):
         """Returns the task weights.
 
         Args:
@@ -95,6 +128,8 @@ class Weighting(keras.layers.Layer):
                 constants.
             gram: float32 tensor (T, T), the Gram matrix of the per-task
                 gradients, or None when `requires_gram` is False.
+            ops: optional namespace of array functions, passed on to a
+                `call` that takes one (None: `keras.ops`).
 
         Returns:
             float32 tensor (T,): the weight of each task's loss in the
@@ -102,7 +137,17 @@ class Weighting(keras.layers.Layer):
         """
         # Not Layer.__call__: no autocasting, no symbolic build; the model
         # builds the weighting with the number of tasks.
-        return self.call(losses, gram)
+        return call_with_ops(self.call, losses, gram, ops=ops)
+
+    @property
+    def solvable_on_host(self):
+        """Whether the eager torch step solves this weighting with NumPy
+        (see `host_solvable`)."""
+        return (
+            bool(self.host_solvable)
+            and _accepts_ops(type(self).call)
+            and not self.variables
+        )
 
     def call(self, losses, gram=None):
         raise NotImplementedError
@@ -212,25 +257,34 @@ class Weighting(keras.layers.Layer):
 
 
 def get(identifier):
-    """Returns a `Weighting` from an instance, a config dict or None (MGDA).
+    """Returns a `Weighting` from an instance, a name, a config dict or None.
 
     Args:
-        identifier: a `Weighting`, a dict from `keras.saving.serialize_keras_object`,
-            or None.
+        identifier: a `Weighting`; a method's name as `by_name` lists it
+            (`"mgda"`, `"pcgrad"`, ...; case, `-` and `_` are ignored, so
+            `"Nash_MTL"` works), built with its defaults; a dict from
+            `keras.saving.serialize_keras_object`; or None (MGDA).
 
     Returns:
         A `Weighting` instance.
+
+    Example:
+
+    ```python
+    weighting = keras_mgda.weighting.get("upgrad")
+    ```
     """
     if identifier is None:
-        from keras_mgda.weighting.mgda import MGDA
-
-        return MGDA()
+        identifier = "mgda"
+    if isinstance(identifier, str):
+        identifier = _from_name(identifier)
     if isinstance(identifier, dict):
         identifier = keras.saving.deserialize_keras_object(identifier)
     if not isinstance(identifier, Weighting):
         raise TypeError(
             "`weighting` must be a keras_mgda.weighting.Weighting instance "
-            f"such as keras_mgda.weighting.MGDA(); received {identifier!r}."
+            "such as keras_mgda.weighting.MGDA(), or a method's name such as "
+            f"'mgda'; received {identifier!r}."
         )
     if not identifier.__dict__.get("_weighting_initialized", False):
         raise TypeError(
@@ -238,6 +292,28 @@ def get(identifier):
             "super().__init__(**kwargs): a Weighting is a Keras layer."
         )
     return identifier
+
+
+# Names that are not a class name.
+_ALIASES = {"mgdaub": "mgda"}
+
+
+def _from_name(name):
+    """A weighting built with its defaults from its registry name."""
+    key = name.lower().replace("_", "").replace("-", "")
+    key = _ALIASES.get(key, key)
+    classes = by_name()
+    if key not in classes:
+        raise ValueError(
+            f"Unknown weighting {name!r}; known names: {', '.join(sorted(classes))}."
+        )
+    try:
+        return classes[key]()
+    except TypeError as error:
+        raise ValueError(
+            f"The weighting {name!r} has required arguments ({error}); build "
+            f"it yourself, e.g. keras_mgda.weighting.{classes[key].__name__}(...)."
+        ) from error
 
 
 def by_name():

@@ -2,12 +2,16 @@
 written on the Gram matrix."""
 
 import keras
-from keras import ops
+import numpy as np
 
+from keras_mgda import numerics as nx
 from keras_mgda import solvers
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
 from keras_mgda.weighting._gradient_base import check_choice
+from keras_mgda.weighting.upgrad import project_onto_dual_cone
+
+__all__ = ["CAGrad", "conflict_averse_dual", "dual_cone_candidate"]
 
 RESCALES = (0, 1, 2)
 # Root finding on t (see `CAGrad`): ROUNDS rounds of POINTS interior points
@@ -101,13 +105,15 @@ class CAGrad(GradientWeighting):
         self.c = float(c)
         self.rescale = rescale
 
-    def call(self, losses, gram=None):
-        gram = GramInput(gram)
+    def call(self, losses, gram=None, ops=keras.ops):
+        gram = GramInput(gram, ops)
         num_tasks = gram.num_tasks
-        coefficient, dual = conflict_averse_dual(gram.unit, gram.active, self.c)
-        weights = (1.0 / num_tasks + coefficient * dual) * num_tasks
+        coefficient, dual = conflict_averse_dual(gram.unit, gram.active, self.c, ops=ops)
+        regular = 1.0 / num_tasks + coefficient * dual
+        projected = dual_cone_candidate(gram.unit, self.c, ops=ops)
+        combination = _better_update(gram.unit, gram.active, regular, projected, ops=ops)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return gram.finish(weights / divisor)
+        return gram.finish(combination * num_tasks / divisor)
 
     def get_config(self):
         config = super().get_config()
@@ -115,13 +121,50 @@ class CAGrad(GradientWeighting):
         return config
 
 
-def conflict_averse_dual(gram, mask, c):
+def dual_cone_candidate(gram, c, *, ops=keras.ops):
+    """The update for a degenerate dual: g0 projected onto the dual cone of
+    the task gradients, {d : g_i . d >= 0 for all i}, pulled back into the
+    ball if rounding left it outside.
+
+    Where that projection lies in the ball, no task conflicts with it and
+    it is optimal whenever the optimum is 0 (the origin in the hull of the
+    gradients), which is exactly where the dual's g_w vanishes and its
+    formula d = g0 + sqrt(phi) g_w / |g_w| says nothing.
+
+    Args:
+        gram: (T, T) Gram matrix (max diagonal ~ 1).
+        c: the radius relative to ||g0||.
+        ops: the namespace of array functions (default `keras.ops`).
+
+    Returns:
+        (T,) coefficients x of the update d = sum_i x_i g_i.
+    """
+    num_tasks = gram.shape[-1]
+    mean = ops.full((num_tasks,), 1.0 / num_tasks, dtype=gram.dtype)
+    projected = project_onto_dual_cone(gram, mean[None, :], ops=ops)[0]
+    offset = projected - mean
+    distance2 = ops.sum(offset * ops.matmul(gram, offset))
+    radius2 = c * c * ops.sum(mean * ops.matmul(gram, mean))
+    inside = distance2 <= radius2
+    shrink = ops.sqrt(radius2 / ops.where(inside, 1.0, distance2))
+    return mean + ops.where(inside, 1.0, shrink) * offset
+
+
+def _better_update(gram, mask, first, second, *, ops):
+    """Of two updates inside the ball, the one whose worst task improves
+    most, min_i (M x)_i over the tasks that take part (ties: `first`)."""
+    worst = [ops.min(ops.where(mask, ops.matmul(gram, x), np.inf)) for x in (first, second)]
+    return ops.where(worst[1] > worst[0], second, first)
+
+
+def conflict_averse_dual(gram, mask, c, *, ops=keras.ops):
     """CAGrad's dual weights w and the coefficient sqrt(phi) / ||g_w||.
 
     Args:
         gram: (T, T) Gram matrix (max diagonal ~ 1).
         mask: bool (T,), tasks that take part in the dual problem.
         c: the radius relative to ||g0||.
+        ops: the namespace of array functions (default `keras.ops`).
 
     Returns:
         `(coefficient, w)`: a scalar and (T,) weights on the simplex, with
@@ -130,7 +173,7 @@ def conflict_averse_dual(gram, mask, c):
     num_tasks = gram.shape[-1]
     dtype = gram.dtype
     mean = ops.mean(gram, axis=-1)  # g_i . g0
-    g0_norm2 = solvers._maximum(ops.mean(mean), solvers._const(0.0, gram))
+    g0_norm2 = nx.maximum(ops.mean(mean), nx.const(0.0, gram, ops=ops), ops=ops)
     radius = c * ops.sqrt(g0_norm2)
     largest = ops.sqrt(ops.max(ops.where(mask, ops.diagonal(gram), 0.0)))
     # t ||g_w(t)|| <= t max_i ||g_i||, so the root is at least radius / largest.
@@ -141,21 +184,26 @@ def conflict_averse_dual(gram, mask, c):
         """w(t) for a batch of t: the min-norm point of {g0 + t g_i}."""
         t = ts[:, None, None]
         shifted = g0_norm2 + t * (mean[None, :, None] + mean[None, None, :]) + t * t * gram[None]
-        weights = solvers.min_norm(shifted, mask=mask)
+        weights = solvers.min_norm(shifted, mask=mask, ops=ops)
         norms = ts * ops.sqrt(
-            solvers._maximum(ops.sum(weights * ops.matmul(weights, gram), axis=-1), solvers._const(0.0, gram))
+            nx.maximum(ops.sum(weights * ops.matmul(weights, gram), axis=-1), nx.const(0.0, gram, ops=ops), ops=ops)
         )
         return norms, weights
 
-    two = solvers._const(2.0, gram)
-    zero = solvers._const(0.0, gram)
+    two = nx.const(2.0, gram, ops=ops)
+    zero = nx.const(0.0, gram, ops=ops)
 
     def bracket(exponents, norms, weights):
-        """The last point with t ||g_w(t)|| below the radius, and the next."""
-        count = ops.sum(ops.cast(norms < radius, "int32"))
+        """The first point with t ||g_w(t)|| at or above the radius, and the
+        one before it. (The first crossing, not a count of the points
+        below: far above the root, rounding in the shifted Gram matrix can
+        bring t ||g_w(t)|| back below the radius.)"""
+        reached = norms >= radius
         last = exponents.shape[0] - 1
-        low_index = ops.clip(count - 1, 0, last)
-        high_index = ops.clip(count, 0, last)
+        first = ops.argmax(ops.cast(reached, "int32"))
+        crossed = ops.any(reached)
+        high_index = ops.where(crossed, first, last)
+        low_index = ops.where(crossed, ops.clip(first - 1, 0, last), last)
         pick = lambda x, i: ops.take(x, i, axis=0)  # noqa: E731
         return (
             pick(exponents, low_index), pick(norms, low_index), pick(weights, low_index),
@@ -174,7 +222,7 @@ def conflict_averse_dual(gram, mask, c):
 
     # (The norms and weights of the initial state are placeholders.)
     high = low + SPAN
-    one = solvers._const(1.0, gram)
+    one = nx.const(1.0, gram, ops=ops)
     placeholder = ops.zeros((num_tasks,), dtype=dtype)
     state = (low, one, placeholder, high, one, placeholder)
     state = ops.fori_loop(0, ROUNDS, round_, state)
@@ -199,10 +247,10 @@ def conflict_averse_dual(gram, mask, c):
         value = quadratic[0] + middle * (quadratic[1] + middle * quadratic[2])
         return ops.where(value < 0, middle, left), ops.where(value < 0, right, middle)
 
-    left, right = ops.fori_loop(0, BISECTIONS, bisect, (zero, solvers._const(1.0, gram)))
+    left, right = ops.fori_loop(0, BISECTIONS, bisect, (zero, nx.const(1.0, gram, ops=ops)))
     fraction = 0.5 * (left + right)
     weights = low_weights + fraction * step
-    norm = ops.sqrt(solvers._maximum(ops.sum(weights * ops.matmul(gram, weights)), zero))
+    norm = ops.sqrt(nx.maximum(ops.sum(weights * ops.matmul(gram, weights)), zero, ops=ops))
     # Exactly on the ball: coefficient radius / |g_w|, as in the paper. If
     # no t in the bracket reaches the radius, stay at its end, inside.
     saturated = (high_norm < radius) | ~(norm > 0)
@@ -212,8 +260,8 @@ def conflict_averse_dual(gram, mask, c):
     # radius, so the float32 error of |g_w| moves the update by at most
     # ~CANCELLATION sqrt(eps) ~ 1% of the radius (a smaller coefficient stays
     # inside the ball).
-    spread = ops.sum(weights * ops.sqrt(solvers._maximum(ops.diagonal(gram), zero)))
+    spread = ops.sum(weights * ops.sqrt(nx.maximum(ops.diagonal(gram), zero, ops=ops)))
     cap = CANCELLATION * radius / ops.where(spread > 0, spread, 1.0)
-    coefficient = ops.where(spread > 0, solvers._minimum(coefficient, cap), coefficient)
+    coefficient = ops.where(spread > 0, nx.minimum(coefficient, cap, ops=ops), coefficient)
     coefficient = ops.where(positive, coefficient, 0.0)
     return coefficient, weights

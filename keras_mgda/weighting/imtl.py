@@ -2,10 +2,11 @@
 multi-task learning, in closed form on the Gram matrix."""
 
 import keras
-from keras import ops
 
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
+
+__all__ = ["IMTLG", "impartial_weights"]
 
 # Relative ridge of the linear solve (which TF and torch reject when it is
 # exactly singular, e.g. for identical gradients), removed again by a few
@@ -65,13 +66,14 @@ class IMTLG(GradientWeighting):
 
     host_solvable = True
 
-    def call(self, losses, gram=None):
-        gram = GramInput(gram)
+    def call(self, losses, gram=None, ops=keras.ops):
+        gram = GramInput(gram, ops)
         return gram.finish(impartial_weights(gram))
 
 
 def impartial_weights(gram):
     """IMTL-G's alpha for a `GramInput`."""
+    ops = gram.ops
     num_tasks = gram.num_tasks
     dtype = gram.dtype
     active = gram.active

@@ -2,18 +2,15 @@
 hull of the per-task gradients."""
 
 import keras
-from keras import ops
 
 from keras_mgda import solvers
-from keras_mgda.weighting.base import GRADIENT_SPACES
-from keras_mgda.weighting.base import Weighting
+from keras_mgda.weighting._gradient_base import GradientWeighting
 
-NORMALIZATIONS = ("l2", "loss", "loss+", "none")
-HEAD_UPDATES = ("scaled", "full")
+__all__ = ["MGDA"]
 
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
-class MGDA(Weighting):
+class MGDA(GradientWeighting):
     """Multiple-gradient descent: weights alpha on the simplex that minimise
     || sum_t alpha_t g_t ||, the common descent direction of all tasks (or a
     proof that the point is Pareto stationary when that norm is 0).
@@ -34,17 +31,18 @@ class MGDA(Weighting):
     Args:
         normalization: how each task gradient is scaled before the solve:
             `"l2"` (by its norm), `"loss"` (by its loss), `"loss+"` (by loss
-            times norm; the paper's choice for MultiMNIST and CelebA) or
-            `"none"`.
+            times norm; the authors' CelebA setting) or `"none"` (their
+            MultiMNIST setting).
         mode: `"representation"` (MGDA-UB) or `"parameters"` (exact MGDA on
             the shared weights).
         head_update: `"scaled"` (each head gets alpha_t times its gradient, as
             the authors' code does) or `"full"` (each head gets its own full
             gradient, as the paper's Algorithm 2 writes).
-        max_iters: iteration cap of the min-norm solver.
-        tol: stopping tolerance of the min-norm solver (duality gap, relative
-            to the largest squared gradient norm).
+        max_iters: Frank-Wolfe warm-start steps of the min-norm solver.
+        tol: Frank-Wolfe tolerance of the min-norm solver (duality gap,
+            relative to the largest squared gradient norm).
         epsilon: floor of every normalisation divisor.
+        **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
 
     Example:
 
@@ -54,7 +52,6 @@ class MGDA(Weighting):
     ```
     """
 
-    requires_gram = True
     host_solvable = True
 
     def __init__(
@@ -67,37 +64,18 @@ class MGDA(Weighting):
         epsilon=1e-12,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"Unknown normalization {normalization!r}; "
-                f"use one of {NORMALIZATIONS}."
-            )
-        if mode not in GRADIENT_SPACES:
-            raise ValueError(
-                f"Unknown mode {mode!r}; use one of {GRADIENT_SPACES}."
-            )
-        if head_update not in HEAD_UPDATES:
-            raise ValueError(
-                f"Unknown head_update {head_update!r}; "
-                f"use one of {HEAD_UPDATES}."
-            )
+        super().__init__(mode=mode, head_update=head_update, **kwargs)
+        solvers.check_normalization(normalization)
         self.normalization = normalization
-        self.mode = mode
-        self.head_update = head_update
         self.max_iters = max_iters
         self.tol = tol
         self.epsilon = epsilon
 
-    @property
-    def gradient_space(self):
-        return self.mode
-
-    def call(self, losses, gram=None):
+    def call(self, losses, gram=None, ops=keras.ops):
         divisors = solvers.normalization_divisors(
-            gram, losses, self.normalization, epsilon=self.epsilon
+            gram, losses, self.normalization, epsilon=self.epsilon, ops=ops
         )
-        normalized = solvers.normalize_gram(gram, divisors)
+        normalized = solvers.normalize_gram(gram, divisors, ops=ops)
         # A task with an exactly zero gradient would be the min-norm point on
         # its own and stop the shared weights: leave it out instead.
         active = ops.diagonal(gram) > 0
@@ -106,19 +84,16 @@ class MGDA(Weighting):
             options["max_iters"] = self.max_iters
         if self.tol is not None:
             options["tol"] = self.tol
-        return solvers.min_norm(normalized, mask=active, **options)
-
-    def head_weights(self, weights):
-        if self.head_update == "full":
-            return ops.ones_like(weights)
-        return weights
+        return solvers.min_norm(normalized, mask=active, ops=ops, **options)
 
     def get_config(self):
-        return {
-            "normalization": self.normalization,
-            "mode": self.mode,
-            "head_update": self.head_update,
-            "max_iters": self.max_iters,
-            "tol": self.tol,
-            "epsilon": self.epsilon,
-        }
+        config = super().get_config()
+        config.update(
+            {
+                "normalization": self.normalization,
+                "max_iters": self.max_iters,
+                "tol": self.tol,
+                "epsilon": self.epsilon,
+            }
+        )
+        return config

@@ -5,11 +5,12 @@ import math
 
 import keras
 import numpy as np
-from keras import ops
 
-from keras_mgda import solvers
+from keras_mgda import numerics as nx
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
+
+__all__ = ["NashMTL", "bargaining_weights"]
 
 # Step lengths tried at once by the damped Newton line search: 1, 1/2, ...
 LINE_SEARCH_STEPS = 16
@@ -106,12 +107,12 @@ class NashMTL(GradientWeighting):
             return 1.0
         return min(1.0, float(self.max_norm) / math.sqrt(num_tasks))
 
-    def call(self, losses, gram=None):
-        gram = GramInput(gram)
+    def call(self, losses, gram=None, ops=keras.ops):
+        gram = GramInput(gram, ops)
         alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon)
         return gram.finish(alpha * self._clip_factor(gram.num_tasks))
 
-    def head_weights(self, weights):
+    def head_weights(self, weights, ops=keras.ops):
         if self.head_update == "full":
             return ops.ones_like(weights)
         return weights / self._clip_factor(weights.shape[-1])
@@ -130,6 +131,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
     Solved in beta = alpha * ||g|| (on the unit-gradient Gram matrix C, where
     beta_t (C beta)_t = 1), by damped Newton on f(b) = b^T C b / 2 - sum log b.
     """
+    ops = gram.ops
     num_tasks = gram.num_tasks
     dtype = gram.dtype
     eps = gram.eps
@@ -161,11 +163,11 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
         # Longest step keeping beta > 0, then halvings of min(1, 0.99 of it).
         shrinking = direction < 0
         ratio = ops.where(shrinking, beta / ops.where(shrinking, -direction, 1.0), np.inf)
-        longest = solvers._minimum(0.99 * ops.min(ratio), gram.const(1.0))
+        longest = nx.minimum(0.99 * ops.min(ratio), gram.const(1.0), ops=ops)
         candidates = beta[None, :] + (longest * steps)[:, None] * direction[None, :]
         values = objective(candidates)
         values = ops.where(ops.isfinite(values), values, np.inf)
-        best = solvers._argmin(values)
+        best = nx.argmin(values, ops=ops)
         searched = ops.take(candidates, best, axis=0)
         full = beta + direction
         take_full = (decrement < FULL_STEP_DECREMENT) & ops.all(full > 0)
@@ -174,7 +176,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
         return moved, decrement, last_decrement
 
     # Start on the ray through 1 at its best point: (1^T C 1) s^2 = T.
-    total = solvers._maximum(ops.sum(corr), gram.const(eps))
+    total = nx.maximum(ops.sum(corr), gram.const(eps), ops=ops)
     start = ops.sqrt(num_tasks / total) * ops.ones((num_tasks,), dtype=dtype)
     inf = gram.const(np.inf)
     beta, _, _ = ops.while_loop(cond, body, (start, inf, inf), maximum_iterations=max_iters)

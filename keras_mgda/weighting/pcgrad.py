@@ -2,10 +2,11 @@
 matrix."""
 
 import keras
-from keras import ops
 
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
+
+__all__ = ["PCGrad", "surgery"]
 
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
@@ -57,11 +58,11 @@ class PCGrad(GradientWeighting):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, losses, gram=None):
-        gram = GramInput(gram)
+    def call(self, losses, gram=None, ops=keras.ops):
+        gram = GramInput(gram, ops)
         num_tasks = gram.num_tasks
         order = keras.random.shuffle(ops.arange(num_tasks, dtype="int32"), seed=self.seed_generator)
-        return gram.finish(surgery(gram.unit, order))
+        return gram.finish(surgery(gram.unit, order, ops=ops))
 
     def get_config(self):
         config = super().get_config()
@@ -69,13 +70,14 @@ class PCGrad(GradientWeighting):
         return config
 
 
-def surgery(gram, order):
+def surgery(gram, order, *, ops=keras.ops):
     """PCGrad's coefficients for one task order.
 
     Args:
         gram: (T, T) Gram matrix.
         order: (T,) int32 permutation: the order in which every g_i^PC is
             projected against the other task gradients.
+        ops: the namespace of array functions (default `keras.ops`).
 
     Returns:
         (T,) weights w with sum_i g_i^PC = sum_k w_k g_k.
