@@ -7,6 +7,7 @@ drop-in `keras.Model`, on TensorFlow, JAX and PyTorch.
 from keras_mgda import datasets
 from keras_mgda import metrics
 from keras_mgda import models
+from keras_mgda import plots
 from keras_mgda import solvers
 from keras_mgda import weighting
 from keras_mgda.baselines import grid_search

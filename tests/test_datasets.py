@@ -97,6 +97,47 @@ def test_multi_mnist_pairs_are_fixed_by_the_seed(mnist):
     np.testing.assert_array_equal(rights, a[2])
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_numpy_path_equals_the_tf_data_path(split):
+    pytest.importorskip("sklearn")
+    images, labels = km.datasets.multi_mnist_arrays(split, source="digits", seed=2)
+    dataset = km.datasets.multi_mnist(split, source="digits", seed=2)
+    expected = list(dataset.as_numpy_iterator())
+    assert images.shape == (len(expected), 28, 28, 1) and images.dtype == np.float32
+    assert set(labels) == {"left", "right"}
+    assert all(labels[t].dtype == np.int32 and labels[t].shape == (len(expected),) for t in labels)
+    for index, (image, targets) in enumerate(expected):
+        np.testing.assert_allclose(images[index], image, rtol=0, atol=1e-6)
+        assert labels["left"][index] == targets["left"]
+        assert labels["right"][index] == targets["right"]
+    # Another seed, other partners: the seed reaches the NumPy path.
+    _, other = km.datasets.multi_mnist_arrays(split, source="digits", seed=3)
+    np.testing.assert_array_equal(other["left"], labels["left"])
+    assert np.mean(other["right"] != labels["right"]) > 0.5
+
+
+def test_numpy_path_needs_no_tensorflow():
+    pytest.importorskip("sklearn")
+    import os
+    import subprocess
+    import sys
+
+    # Outside this process, where TensorFlow is already imported: with
+    # `tensorflow` unimportable the NumPy path must still build the data.
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "from keras_mgda.datasets import multi_mnist_arrays\n"
+        "x, y = multi_mnist_arrays('test', 'digits')\n"
+        "print(x.shape, x.dtype, y['left'].dtype)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="numpy")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(359, 28, 28, 1) float32 int32" in done.stdout
+
+
 def test_train_and_test_draw_different_pairs():
     train = multi_mnist_lib.pair_indices(1000, seed=0, split="train")
     test = multi_mnist_lib.pair_indices(1000, seed=0, split="test")

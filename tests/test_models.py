@@ -101,6 +101,107 @@ def test_lenet_reaches_good_accuracy_in_one_epoch_of_real_multi_mnist():
     assert scores["left_accuracy"] > 0.85 and scores["right_accuracy"] > 0.85, scores
 
 
+# The authors' dropout variant ------------------------------------------------
+
+
+def _numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def test_unscaled_dropout_shares_one_channel_mask_across_the_batch():
+    layer = km.models.UnscaledDropout(0.5, shared_axes=(0, 1, 2), seed=1)
+    x = np.random.default_rng(0).uniform(1.0, 2.0, (8, 4, 4, 20)).astype("float32")
+    out = _numpy(layer(x, training=True))
+    kept = out != 0.0
+    # One (1, 1, 1, C) mask for every image and position, as the authors' (1, C, 1, 1).
+    assert np.all(kept == kept[:1, :1, :1])
+    assert 0 < kept[0, 0, 0].sum() < 20
+    # Kept units are not scaled up by 1 / (1 - rate).
+    np.testing.assert_array_equal(out[kept], x[kept])
+    # The identity at inference: not scaled down either.
+    np.testing.assert_array_equal(_numpy(layer(x, training=False)), x)
+    np.testing.assert_array_equal(_numpy(layer(x)), x)
+    # A fresh mask at every call.
+    masks = {tuple(_numpy(layer(x, training=True))[0, 0, 0] != 0.0) for _ in range(6)}
+    assert len(masks) > 1
+
+
+def test_unscaled_dropout_masks_each_element_of_a_head():
+    layer = km.models.UnscaledDropout(0.5, seed=2)
+    out = _numpy(layer(np.ones((256, 50), "float32"), training=True))
+    assert set(np.unique(out)) == {0.0, 1.0}  # dropped or kept as is
+    assert len({row.tobytes() for row in out}) > 250  # a mask per example
+    assert 0.45 < out.mean() < 0.55
+    with pytest.raises(ValueError, match="rate"):
+        km.models.UnscaledDropout(1.0)
+
+
+def _repeated_image(count=6):
+    image = np.random.default_rng(3).normal(size=(1, 28, 28, 1)).astype("float32")
+    return np.repeat(image, count, axis=0)
+
+
+def test_lenet_authors_dropout_variant_is_the_authors_masks():
+    keras.utils.set_random_seed(0)
+    authors = km.models.multi_mnist_lenet(weighting=km.weighting.Uniform(), dropout_variant="authors")
+    default = km.models.multi_mnist_lenet(weighting=km.weighting.Uniform())
+    assert type(default.get_layer("conv2_dropout")) is keras.layers.SpatialDropout2D  # unchanged
+    conv2 = authors.get_layer("conv2_dropout")
+    assert isinstance(conv2, km.models.UnscaledDropout) and conv2.shared_axes == (0, 1, 2)
+    for task in ("left", "right"):
+        head = authors.get_layer(f"{task}_dropout")
+        assert isinstance(head, km.models.UnscaledDropout) and head.shared_axes == ()
+    assert authors.count_params() == default.count_params()
+    x = _repeated_image()
+    # Identical images give an identical Z in training: the conv2 mask is
+    # one for the whole batch (Keras's SpatialDropout2D draws one per image).
+    z = _numpy(authors.encoder(x, training=True))
+    np.testing.assert_allclose(z, np.broadcast_to(z[:1], z.shape), rtol=1e-5, atol=1e-6)
+    z_keras = _numpy(default.encoder(x, training=True))
+    assert not np.allclose(z_keras, z_keras[:1])
+    # The heads' masks are per example.
+    left = _numpy(authors(x, training=True)["left"])
+    assert not np.allclose(left, left[:1])
+    # At inference: the same network with no dropout at all (no rescaling).
+    plain = km.models.multi_mnist_lenet(weighting=km.weighting.Uniform(), dropout=0)
+    for target, source in zip(plain.trainable_weights, authors.trainable_weights):
+        target.assign(_numpy(source))  # a copy: JAX donates the buffers of predict
+    expected = plain.predict(x[:2], verbose=0)
+    got = authors.predict(x[:2], verbose=0)
+    for task in ("left", "right"):
+        np.testing.assert_allclose(got[task], expected[task], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dropout_variant"):
+        km.models.multi_mnist_lenet(dropout_variant="torch")
+
+
+@pytest.mark.parametrize("weighting", [None, km.weighting.Uniform()], ids=["mgda_ub", "uniform"])
+def test_lenet_authors_dropout_variant_trains_saves_and_loads(tmp_path, weighting):
+    keras.utils.set_random_seed(1)
+    options = {"normalization": "none"} if weighting is None else {}
+    model = km.models.multi_mnist_lenet(weighting=weighting, dropout_variant="authors", **options)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss=SPARSE_CE)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 28, 28, 1)).astype("float32")
+    y = {t: rng.integers(0, 10, 64).astype("int32") for t in ("left", "right")}
+    seeds = [_numpy(v).copy() for v in model.non_trainable_variables if "seed_generator" in v.path]
+    before = _weights(model)
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert all(_changed(before, model))
+    # The masks' seeds advanced through the train step (JAX's stateless step included).
+    after = [_numpy(v) for v in model.non_trainable_variables if "seed_generator" in v.path]
+    assert len(after) == 3 and all(not np.array_equal(a, b) for a, b in zip(seeds, after))
+    path = tmp_path / "lenet.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for name in ("conv2_dropout", "left_dropout", "right_dropout"):
+        assert loaded.get_layer(name).get_config() == model.get_layer(name).get_config()
+    expected = model.predict(x[:8], verbose=0)
+    got = loaded.predict(x[:8], verbose=0)
+    for task in ("left", "right"):
+        np.testing.assert_allclose(got[task], expected[task], rtol=1e-5, atol=1e-5)
+
+
 # CelebA ResNet-18 ------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """`tf.data` pipelines for the paper's three benchmarks: MultiMNIST, CelebA
-and Cityscapes.
+and Cityscapes, and MultiMNIST as NumPy arrays (`multi_mnist_arrays`) where
+TensorFlow is not installed.
 
 TensorFlow and tensorflow-datasets are imported when a dataset is built, not
 when `keras_mgda` is imported, so the package imports on every backend.
@@ -14,4 +15,5 @@ from keras_mgda.datasets.multi_mnist import load_digits_arrays
 from keras_mgda.datasets.multi_mnist import load_mnist_arrays
 from keras_mgda.datasets.multi_mnist import make_pairs
 from keras_mgda.datasets.multi_mnist import multi_mnist
+from keras_mgda.datasets.multi_mnist import multi_mnist_arrays
 from keras_mgda.datasets.multi_mnist import overlay

@@ -12,4 +12,5 @@ from keras_mgda.models.cityscapes import InstanceOffsetLoss
 from keras_mgda.models.cityscapes import cityscapes_losses
 from keras_mgda.models.cityscapes import cityscapes_metrics
 from keras_mgda.models.cityscapes import cityscapes_pspnet
+from keras_mgda.models.multi_mnist import UnscaledDropout
 from keras_mgda.models.multi_mnist import multi_mnist_lenet

@@ -1,11 +1,107 @@
 """The MultiMNIST LeNet of Sener & Koltun's code (`multi_lenet.py`)."""
 
 import keras
+from keras import ops
 
 from keras_mgda.models._build import multi_task_model
 
+DROPOUT_VARIANTS = ("keras", "authors")
 
-def multi_mnist_lenet(weighting=None, dropout=0.5, input_shape=(28, 28, 1), name="multi_mnist_lenet", **model_kwargs):
+
+@keras.saving.register_keras_serializable(package="keras_mgda")
+class UnscaledDropout(keras.layers.Layer):
+    """Dropout without the 1/(1 - rate) rescaling, as Sener & Koltun's
+    MultiMNIST LeNet applies it.
+
+    In training, every mask entry keeps its unit with probability
+    `1 - rate` and the kept units are NOT scaled up; at inference the layer
+    is the identity (not scaled down either), so the network sees
+    activations about 1/(1 - rate) times larger at test time than in
+    training, as in the authors' code. Along `shared_axes` the mask has
+    size 1: one draw is shared there. `shared_axes=(0, 1, 2)` on a
+    channels-last feature map is the authors' conv2 mask, one channel mask
+    for the whole batch; `shared_axes=()` drops every element on its own
+    (their heads' dropout).
+
+    Args:
+        rate: float in [0, 1), the probability of dropping a unit.
+        shared_axes: axes of the input (0 is the batch axis) along which
+            one mask value is shared.
+        seed: optional int, seeds the layer's `keras.random.SeedGenerator`.
+        **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
+
+    Example:
+
+    ```python
+    # One mask over the channels of conv2, shared by the whole batch.
+    h = UnscaledDropout(0.5, shared_axes=(0, 1, 2))(conv2_output)
+    # A mask per element in a head.
+    t = UnscaledDropout(0.5)(hidden)
+    ```
+    """
+
+    def __init__(self, rate, shared_axes=(), seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"UnscaledDropout needs 0 <= rate < 1; received rate={rate}.")
+        self.rate = float(rate)
+        self.shared_axes = tuple(int(axis) for axis in shared_axes)
+        self.seed = seed
+        # A Keras seed generator: its state is a variable, so the draws are
+        # carried through JAX's stateless jitted step like Dropout's.
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def _mask_shape(self, inputs):
+        shape = list(ops.shape(inputs))
+        for axis in self.shared_axes:
+            shape[axis] = 1
+        return tuple(shape)
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0.0:
+            return inputs
+        draws = keras.random.uniform(self._mask_shape(inputs), seed=self.seed_generator)
+        keep = ops.cast(ops.greater_equal(draws, self.rate), inputs.dtype)
+        return inputs * keep
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"rate": self.rate, "shared_axes": list(self.shared_axes), "seed": self.seed})
+        return config
+
+
+def _channel_dropout(rate, variant):
+    """The dropout after conv2: Keras's per-sample, rescaled
+    SpatialDropout2D, or the authors' batch-shared, unscaled channel mask."""
+    if variant == "keras":
+        return keras.layers.SpatialDropout2D(rate, name="conv2_dropout")
+    # Share the mask over the batch and the spatial axes: the authors' mask
+    # has shape (1, C, 1, 1) in PyTorch's channels-first layout.
+    if keras.config.image_data_format() == "channels_last":
+        shared = (0, 1, 2)
+    else:
+        shared = (0, 2, 3)
+    return UnscaledDropout(rate, shared_axes=shared, name="conv2_dropout")
+
+
+def _head_dropout(rate, variant, task):
+    if variant == "keras":
+        return keras.layers.Dropout(rate, name=f"{task}_dropout")
+    return UnscaledDropout(rate, name=f"{task}_dropout")
+
+
+def multi_mnist_lenet(
+    weighting=None,
+    dropout=0.5,
+    input_shape=(28, 28, 1),
+    name="multi_mnist_lenet",
+    dropout_variant="keras",
+    **model_kwargs,
+):
     """The authors' two-task LeNet for MultiMNIST, uncompiled.
 
     Trunk: conv 10@5x5, max-pool 2, ReLU, conv 20@5x5, channel dropout,
@@ -15,12 +111,23 @@ def multi_mnist_lenet(weighting=None, dropout=0.5, input_shape=(28, 28, 1), name
     the authors' (`Dropout2d` after the second convolution, dropout in the
     heads); `dropout=0` removes them.
 
+    Two dropout variants:
+    - `"keras"` (default): Keras's `SpatialDropout2D` (one channel mask per
+      image) and `Dropout` (one mask per element), both rescaled by
+      1/(1 - rate) in training: the standard, train/test-consistent form.
+    - `"authors"`: exactly what the authors' `multi_lenet.py` does: after
+      conv2 one channel mask for the whole batch (shape (1, 1, 1, C)), in
+      the heads one mask per element, neither rescaled in training and
+      both skipped at test time (`UnscaledDropout`), so test activations
+      are about 1/(1 - rate) times the training ones.
+
     Args:
         weighting: None for MGDA-UB (an `MGDAModel`), or any
             `keras_mgda.weighting.Weighting` (a `MultiTaskModel`).
         dropout: dropout rate of the trunk's channel dropout and the heads'.
         input_shape: shape of one image.
         name: model name.
+        dropout_variant: `"keras"` or `"authors"` (see above).
         **model_kwargs: passed to the model: MGDA options (`normalization`,
             `mode`, ...) when `weighting` is None, `on_nonfinite`, ...
 
@@ -31,21 +138,27 @@ def multi_mnist_lenet(weighting=None, dropout=0.5, input_shape=(28, 28, 1), name
     Example:
 
     ```python
-    model = keras_mgda.models.multi_mnist_lenet()
+    model = keras_mgda.models.multi_mnist_lenet(
+        weighting=keras_mgda.weighting.MGDA(normalization="none"),
+        dropout_variant="authors")
     model.compile(
-        keras.optimizers.SGD(1e-2, momentum=0.9),
+        keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"])
+        metrics={"left": ["accuracy"], "right": ["accuracy"]})
     model.fit(keras_mgda.datasets.multi_mnist("train").batch(256), epochs=100)
     ```
     """
+    if dropout_variant not in DROPOUT_VARIANTS:
+        raise ValueError(
+            f"Unknown dropout_variant {dropout_variant!r}; use one of {DROPOUT_VARIANTS}."
+        )
     images = keras.Input(input_shape, name="image")
     h = keras.layers.Conv2D(10, 5, name="conv1")(images)
     h = keras.layers.MaxPooling2D(2, name="pool1")(h)
     h = keras.layers.ReLU(name="relu1")(h)
     h = keras.layers.Conv2D(20, 5, name="conv2")(h)
     if dropout:
-        h = keras.layers.SpatialDropout2D(dropout, name="conv2_dropout")(h)
+        h = _channel_dropout(dropout, dropout_variant)(h)
     h = keras.layers.MaxPooling2D(2, name="pool2")(h)
     h = keras.layers.ReLU(name="relu2")(h)
     h = keras.layers.Flatten(name="flatten")(h)
@@ -54,6 +167,6 @@ def multi_mnist_lenet(weighting=None, dropout=0.5, input_shape=(28, 28, 1), name
     for task in ("left", "right"):
         t = keras.layers.Dense(50, activation="relu", name=f"{task}_fc1")(z)
         if dropout:
-            t = keras.layers.Dropout(dropout, name=f"{task}_dropout")(t)
+            t = _head_dropout(dropout, dropout_variant, task)(t)
         outputs[task] = keras.layers.Dense(10, name=task)(t)
     return multi_task_model(images, outputs, weighting=weighting, name=name, **model_kwargs)

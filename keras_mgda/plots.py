@@ -1,0 +1,221 @@
+"""Figures of multi-task results, drawn with matplotlib.
+
+matplotlib is imported when a figure is drawn, not when `keras_mgda` is
+imported, so the package imports without it (`pip install
+'keras-mgda[plots]'` adds it).
+"""
+
+import math
+
+GRID = "grid"
+SINGLE_TASK = "single_task"
+
+# How the paper's methods are named in the legend; any other method is
+# shown by its registry name.
+METHOD_LABELS = {
+    "mgda_ub": "MGDA-UB",
+    "mgda": "MGDA (exact)",
+    "uniform": "uniform",
+    "uncertainty": "uncertainty",
+    "gradnorm": "GradNorm",
+    SINGLE_TASK: "single task",
+    GRID: "grid (static weights)",
+}
+_MARKERS = "osD^v<>phP8X"
+
+
+def _runs(results):
+    """The list of run records from a results dict or a list."""
+    if isinstance(results, dict):
+        results = results.get("runs", [])
+    return list(results)
+
+
+def _accuracies(run, tasks, selection):
+    """(accuracy of each task) of one run, or None when it lacks one."""
+    prefix = "authors_" if selection == "authors" else ""
+    values = [run.get(f"{prefix}{task}_acc") for task in tasks]
+    if any(value is None for value in values):
+        return None
+    return [float(value) for value in values]
+
+
+def _mean_std(rows):
+    """Per-column mean and (population) standard deviation of equal-length
+    lists; the std of one seed is 0."""
+    count = len(rows)
+    means = [sum(column) / count for column in zip(*rows)]
+    stds = [
+        math.sqrt(sum((value - mean) ** 2 for value in column) / count)
+        for column, mean in zip(zip(*rows), means)
+    ]
+    return means, stds
+
+
+def summarize(results, tasks=("left", "right"), selection="honest"):
+    """Mean and standard deviation over seeds of each method's accuracies.
+
+    Args:
+        results: the `runs` list of a benchmark's JSON file, or the loaded
+            dict `{"runs": [...]}`. Each run has `"method"`, `"seed"` and
+            `"<task>_acc"` (and `"authors_<task>_acc"`); grid runs also have
+            `"weights"` `{task: weight}`.
+        tasks: the two (or more) task names.
+        selection: `"honest"` (`<task>_acc`) or `"authors"`
+            (`authors_<task>_acc`).
+
+    Returns:
+        A dict `{method: {"mean": [...], "std": [...], "seeds": n}}` for the
+        methods other than `"grid"`, and under `"grid"` a list of such
+        dicts, one per weight vector, each with its `"weights"`, sorted by
+        the first task's weight.
+
+    Example:
+
+    ```python
+    with open("benchmarks/results/multi_mnist.json") as f:
+        summary = keras_mgda.plots.summarize(json.load(f))
+    summary["mgda_ub"]["mean"]  # [left accuracy, right accuracy]
+    ```
+    """
+    if selection not in ("honest", "authors"):
+        raise ValueError(f"selection must be 'honest' or 'authors'; received {selection!r}.")
+    groups = {}
+    for run in _runs(results):
+        values = _accuracies(run, tasks, selection)
+        if values is None:
+            continue
+        method = run.get("method")
+        key = (method, None)
+        if method == GRID:
+            weights = run.get("weights") or {}
+            key = (method, tuple(float(weights.get(task, math.nan)) for task in tasks))
+        groups.setdefault(key, []).append(values)
+    summary = {}
+    for (method, weights), rows in groups.items():
+        means, stds = _mean_std(rows)
+        entry = {"mean": means, "std": stds, "seeds": len(rows)}
+        if method == GRID:
+            entry["weights"] = dict(zip(tasks, weights))
+            summary.setdefault(GRID, []).append(entry)
+        else:
+            summary[method] = entry
+    if GRID in summary:
+        summary[GRID].sort(key=lambda entry: entry["weights"][tasks[0]])
+    return summary
+
+
+def accuracy_profile(
+    results,
+    tasks=("left", "right"),
+    ax=None,
+    *,
+    selection="honest",
+    percent=True,
+    references=None,
+    title=None,
+):
+    """The accuracy profile of Sener & Koltun's Figure 3: one task's
+    accuracy against the other's, one marker per method.
+
+    Each method is drawn at its mean accuracy over seeds, with error bars of
+    one standard deviation (population std; none with a single seed). The
+    static-weight grid runs are averaged per weight vector and joined as a
+    curve, ordered by the first task's weight; the single-task baseline is a
+    star.
+
+    Args:
+        results: the `runs` list of a benchmark's JSON file (e.g.
+            `benchmarks/results/multi_mnist.json`) or the loaded dict
+            `{"runs": [...]}`. Runs need `"method"` and `"<task>_acc"`
+            (fractions); grid runs also `"weights"`.
+        tasks: the two task names: the first on the x axis, the second on
+            the y axis.
+        ax: a matplotlib Axes to draw on; a new figure when None.
+        selection: `"honest"` (the accuracies at the best validation epoch,
+            `<task>_acc`) or `"authors"` (the best test epoch,
+            `authors_<task>_acc`).
+        percent: show accuracies in percent (True) or as fractions.
+        references: optional `{label: (x, y)}` of published points (in the
+            axes' units) drawn as hollow grey markers with their label
+            beside them, e.g. the paper's.
+        title: optional axes title.
+
+    Returns:
+        The matplotlib `Figure` that holds the axes.
+
+    Example:
+
+    ```python
+    import json
+    import keras_mgda
+
+    with open("benchmarks/results/multi_mnist.json") as f:
+        results = json.load(f)
+    figure = keras_mgda.plots.accuracy_profile(
+        results, references={"MGDA-UB (paper)": (97.26, 95.90)})
+    figure.savefig("multi_mnist_profile.png", dpi=150)
+    ```
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "keras_mgda.plots needs matplotlib: pip install 'keras-mgda[plots]'."
+        ) from error
+    if len(tasks) != 2:
+        raise ValueError(f"accuracy_profile plots two tasks; received tasks={tasks!r}.")
+    summary = summarize(results, tasks, selection)
+    if not summary:
+        raise ValueError(
+            f"No run has {tasks[0]!r} and {tasks[1]!r} accuracies for selection "
+            f"{selection!r}; pass the benchmark's runs."
+        )
+    scale = 100.0 if percent else 1.0
+    if ax is None:
+        figure, ax = plt.subplots(figsize=(6, 5))
+    else:
+        figure = ax.figure
+
+    def errorbar(entries, **style):
+        x = [scale * entry["mean"][0] for entry in entries]
+        y = [scale * entry["mean"][1] for entry in entries]
+        xerr = [scale * entry["std"][0] for entry in entries]
+        yerr = [scale * entry["std"][1] for entry in entries]
+        return ax.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=3, **style)
+
+    if GRID in summary:
+        # The curve first, so the methods' markers are drawn over it.
+        errorbar(summary[GRID], fmt="-", marker=".", color="0.5", label=METHOD_LABELS[GRID])
+    methods = [m for m in summary if m not in (GRID, SINGLE_TASK)]
+    for index, method in enumerate(sorted(methods, key=_method_order)):
+        errorbar(
+            [summary[method]], fmt=_MARKERS[index % len(_MARKERS)], markersize=7,
+            label=METHOD_LABELS.get(method, method),
+        )
+    if SINGLE_TASK in summary:
+        errorbar(
+            [summary[SINGLE_TASK]], fmt="*", markersize=14, color="black",
+            label=METHOD_LABELS[SINGLE_TASK],
+        )
+    for label, (x, y) in (references or {}).items():
+        # Published points are few and may share a legend colour: name each
+        # beside its marker as well.
+        ax.plot([x], [y], linestyle="none", marker="o", markerfacecolor="none",
+                markeredgecolor="0.4", markersize=8, label=label)
+        ax.annotate(label, (x, y), xytext=(5, 5), textcoords="offset points",
+                    fontsize="x-small", color="0.3")
+    unit = " (%)" if percent else ""
+    which = "best validation epoch" if selection == "honest" else "best test epoch (authors' selection)"
+    ax.set_xlabel(f"{tasks[0]} accuracy{unit}")
+    ax.set_ylabel(f"{tasks[1]} accuracy{unit}")
+    ax.set_title(title if title is not None else f"Accuracy profile, {which}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return figure
+
+
+def _method_order(method):
+    """The paper's methods in its order, then the others by name."""
+    order = ["mgda_ub", "mgda", "uniform", "uncertainty", "gradnorm"]
+    return (order.index(method), "") if method in order else (len(order), method)
