@@ -229,3 +229,72 @@ def split_at(model, shared_tensor):
             "built on, or leave `shared=None` to find it automatically."
         ) from error
     return encoder, heads
+
+
+def output_heads(shared_tensor, outputs):
+    """One functional sub-model from Z to each output.
+
+    Args:
+        shared_tensor: the `KerasTensor` Z.
+        outputs: the model's output tensors, flat.
+
+    Returns:
+        A list of functional models, one per output, sharing the model's
+        layers and weights.
+    """
+    return [keras.Model(shared_tensor, output) for output in outputs]
+
+
+def _owners(head):
+    """Ids of the layers (inputs aside) and variables a head uses."""
+    layers = {id(layer) for layer in head.layers if not isinstance(layer, keras.layers.InputLayer)}
+    return layers | {id(v) for v in head.variables}
+
+
+def _connected_components(owners):
+    """Groups of indices whose owner sets overlap, directly or through
+    others (union-find), in order of their first member."""
+    parent = list(range(len(owners)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(owners)):
+        for j in range(i):
+            if owners[i] & owners[j]:
+                parent[root(i)] = root(j)
+    members = {}
+    for i in range(len(owners)):
+        members.setdefault(root(i), []).append(i)
+    return list(members.values())
+
+
+def head_groups(heads, shared_tensor, outputs):
+    """The outputs grouped so that no two groups' heads share a layer or a
+    variable.
+
+    Usually every output is its own group. Heads that share a layer must
+    run once together, or the shared layer would update its state
+    (BatchNorm statistics, dropout seeds) once per output.
+
+    Args:
+        heads: `output_heads(shared_tensor, outputs)`.
+        shared_tensor: the `KerasTensor` Z.
+        outputs: the model's output tensors, flat.
+
+    Returns:
+        A list of `(output_indices, head)`: `head` is a functional model from
+        Z to those outputs (for one output, its model from `heads`,
+        returning a tensor; for several, a model returning a list in the
+        order of `output_indices`).
+    """
+    groups = []
+    for indices in _connected_components([_owners(head) for head in heads]):
+        if len(indices) == 1:
+            head = heads[indices[0]]
+        else:
+            head = keras.Model(shared_tensor, [outputs[i] for i in indices])
+        groups.append((indices, head))
+    return groups

@@ -231,14 +231,13 @@ def test_uniform_is_the_mean_of_task_losses():
     np.testing.assert_allclose(after["b/0"], expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch step paths")
 @pytest.mark.parametrize("head_update", ["scaled", "full"])
 @pytest.mark.parametrize("mode", ["representation", "parameters"])
-def test_torch_one_backward_heads_match_per_task_backwards(monkeypatch, head_update, mode):
-    """The torch step takes every dL_t/dZ from one backward when the heads
-    share nothing; it must update every weight as the per-task backwards
-    (its fallback for heads that share layers) do."""
-    from keras_mgda.backend import torch as torch_step
+def test_one_backward_heads_match_per_task_backwards(monkeypatch, head_update, mode):
+    """Every backend takes every dL_t/dZ from one backward when the heads
+    share nothing (`StepPlan.separable`); it must update every weight as
+    the per-task backwards (its path for heads that share layers) do."""
+    from keras_mgda.step import StepPlan
 
     x, y = _data()
     results = []
@@ -246,22 +245,19 @@ def test_torch_one_backward_heads_match_per_task_backwards(monkeypatch, head_upd
         weighting = km.weighting.MGDA(mode=mode, head_update=head_update)
         model = _build(weighting)
         if not separable:
-            monkeypatch.setattr(torch_step, "_separable_heads", lambda model: None)
+            monkeypatch.setattr(StepPlan, "separable", property(lambda plan: False))
         logs = model.train_on_batch(x, y, return_dict=True)
-        if separable:
-            assert torch_step._separable_heads(model) is not None
+        assert model.step_plan.separable is separable
         results.append((logs, _weights(model)))
     (logs_fast, fast), (logs_slow, slow) = results
     for k in "abc":
         np.testing.assert_allclose(logs_fast[f"{k}_alpha"], logs_slow[f"{k}_alpha"], rtol=1e-6)
+    assert fast.keys() == slow.keys()
     for name in fast:
         np.testing.assert_allclose(fast[name], slow[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch step paths")
-def test_torch_heads_sharing_a_layer_take_the_per_task_path():
-    from keras_mgda.backend import torch as torch_step
-
+def test_heads_sharing_a_layer_take_the_per_task_path():
     x = keras.Input((6,))
     z = keras.layers.Dense(5, activation="tanh")(x)
     h = keras.layers.Dense(4, activation="tanh", name="ab_hidden")(z)
@@ -275,11 +271,11 @@ def test_torch_heads_sharing_a_layer_take_the_per_task_path():
     xs = np.ones((4, 6), "float32")
     ys = {k: np.zeros((4, 1), "float32") for k in "abc"}
     logs = model.train_on_batch(xs, ys, return_dict=True)
-    assert torch_step._separable_heads(model) is None
+    assert not model.step_plan.separable
     assert np.isclose(sum(logs[f"{k}_alpha"] for k in "abc"), 1.0, atol=1e-5)
     separate = _build(km.weighting.MGDA())
     separate.train_on_batch(*_data())
-    assert torch_step._separable_heads(separate) is not None
+    assert separate.step_plan.separable
 
 
 class _RecordingMGDA(km.weighting.MGDA):
@@ -310,14 +306,14 @@ def test_torch_solves_stateless_weightings_on_the_host(monkeypatch):
     torch tensors does. A weighting with state stays on torch tensors."""
     import torch
 
-    from keras_mgda.backend import torch as torch_step
-
     x, y = _data()
     results = []
     for on_host in (True, False):
         _RecordingMGDA.seen = []
         if not on_host:
-            monkeypatch.setattr(torch_step, "_solves_on_host", lambda weighting: False)
+            monkeypatch.setattr(
+                km.weighting.Weighting, "solvable_on_host", property(lambda weighting: False)
+            )
         model = _build(_RecordingMGDA())
         logs = model.train_on_batch(x, y, return_dict=True)
         assert _RecordingMGDA.seen == [np.ndarray if on_host else torch.Tensor]

@@ -1,8 +1,12 @@
-"""The gradient part of the train step, one module per Keras backend.
+"""What differs between the Keras backends, one module each: how to
+differentiate, how a compiled step applies or skips, how replicas agree.
 
-Nothing else in keras_mgda imports tensorflow, jax or torch."""
+Nothing else in keras_mgda imports tensorflow, jax or torch.
+"""
 
 import keras
+
+__all__ = ["prepare_plan", "train_step", "wrap_train_function"]
 
 
 def _impl():
@@ -27,9 +31,16 @@ def train_step(model, *args, **kwargs):
 
 
 def wrap_train_function(model, train_function):
-    """Lets a backend check each call of Keras's train function (JAX raises
-    on non-finite steps there, since a jitted step cannot)."""
-    wrap = getattr(_impl(), "wrap_train_function", None)
-    if wrap is None:
-        return train_function
-    return wrap(model, train_function)
+    """Lets a backend check each call of Keras's train function: a compiled
+    step records a non-finite step and the wrapper raises; an error that
+    escapes a step leaves the model's state as it was before that step."""
+    return _impl().wrap_train_function(model, train_function)
+
+
+def prepare_plan(plan, model):
+    """Lets a backend prepare what it keeps for a new `StepPlan` (called
+    once per compilation, after the weighting is built, in the context the
+    model is built in: under its distribution strategy's scope on TF)."""
+    prepare = getattr(_impl(), "prepare_plan", None)
+    if prepare is not None:
+        prepare(plan, model)

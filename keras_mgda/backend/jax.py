@@ -1,337 +1,398 @@
 """The multi-task train step on JAX: stateless and jitted.
 
-The encoder and the heads each run once inside a `StatelessScope`; their
-`jax.vjp`s give the per-task gradients with respect to Z (`vmap` over
-one-hot cotangents, heads only) and then one encoder backward with the
-cotangent sum_t w_t dL_t/dZ. Non-trainable state (BatchNorm statistics,
-dropout seeds) flows from the encoder call into the heads call.
+The phases of `keras_mgda.step.phases`, with JAX's autodiff on the step's
+state `(trainable, non_trainable, optimizer, metrics)`: the encoder runs
+under `jax.vjp`; when the heads are separable (`StepPlan.separable`) each
+reads its own copy of Z, so one vjp of the summed losses gives every
+dL_t/dZ and every head's own gradient; otherwise the heads run in groups
+with one vjp per task. Then one encoder backward with the cotangent
+sum_t w_t dL_t/dZ. Non-trainable state (BatchNorm statistics, dropout
+seeds) flows from the encoder call into the heads call.
 
 Under `keras.distribution.DataParallel` the step is jitted over global
 arrays, so the Gram matrix is already the global one: no `psum` is needed.
 
 A non-finite step never changes the state (it is selected away inside the
-jitted step). With `on_nonfinite="raise"` the wrapped train function then
-puts the unchanged state back on the model's variables (Keras's JAX `fit`
-keeps them detached during an epoch) and raises, naming the task.
+jitted step) and is recorded; with `on_nonfinite="raise"` the wrapped
+train function then puts the unchanged state back on the model's
+variables (Keras's JAX `fit` keeps them detached during an epoch) and
+raises. An error that escapes the step does the same with the state from
+before it.
 """
+
+import collections
 
 import jax
 import jax.numpy as jnp
 import keras
-from keras import ops
 
-from keras_mgda import step
+from keras_mgda import _keras
+from keras_mgda.step import phases
+
+__all__ = ["train_step", "wrap_train_function"]
+
+State = collections.namedtuple("State", ["trainable", "non_trainable", "optimizer", "metrics"])
+# What the gradient phase hands to the decision and apply phases.
+_Result = collections.namedtuple(
+    "_Result", ["y_pred", "total", "task_losses", "gram", "weights", "grads", "non_trainable", "metrics"]
+)
 
 
-def _scoped(mapping, fn):
-    """Runs fn() with the variables mapped to the given values; returns its
-    output and the scope (to read updated values back)."""
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        out = fn()
-    return out, scope
+class _Scope:
+    """The model's variables mapped to values for a stateless call."""
+
+    def __init__(self, model):
+        self.trainable = model.trainable_variables
+        self.non_trainable = model.non_trainable_variables
+        self.metrics = model.metrics_variables
+
+    def run(self, fn, trainable, non_trainable, metrics=None):
+        """Runs fn() on those values; returns its output and the updated
+        non-trainable (and metrics) values."""
+        mapping = list(zip(self.trainable, trainable)) + list(zip(self.non_trainable, non_trainable))
+        if metrics is not None:
+            mapping += list(zip(self.metrics, metrics))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            out = fn()
+        new_non_trainable = _updated(scope, self.non_trainable, non_trainable)
+        if metrics is None:
+            return out, new_non_trainable
+        return out, new_non_trainable, _updated(scope, self.metrics, metrics)
 
 
 def _updated(scope, variables, values):
     new = []
-    for v, old in zip(variables, values):
+    for v, old in zip(variables, values, strict=True):
         current = scope.get_current_value(v)
         new.append(old if current is None else current)
     return new
 
 
 def _select(ok, new, old):
-    return [jnp.where(ok, n, o) for n, o in zip(new, old)]
+    return [jnp.where(ok, n, o) for n, o in zip(new, old, strict=True)]
 
 
-def _run_weighting(model, trainable_values, ntv, task_losses, gram, loss_scale):
-    """Calls the weighting on the current values of its variables.
+def _losses_of(model, plan, batch, y_pred):
+    """The losses as arrays: total, (T,) task losses, extra (0 if none)."""
+    losses = phases.compute_losses(model, plan, batch, y_pred)
+    task_losses = jnp.stack(losses.tasks)
+    extra = jnp.zeros((), task_losses.dtype) if losses.extra is None else losses.extra
+    return losses.total, task_losses, extra, losses.extra is not None
 
-    Returns the non-trainable values after its state updates, the (stopped)
-    weights, and the gradients of its own loss with respect to every
-    trainable variable (None when it has no loss)."""
-    trainable = model.trainable_variables
-    non_trainable = model.non_trainable_variables
-    weighting = model.weighting
+
+# Loss-based weightings -------------------------------------------------------
+
+
+def _loss_step(model, plan, batch, state, loss_scale):
+    """Loss-based weightings (and one task): one backward of
+    sum_t w_t L_t, as Keras's own step."""
+    scope = _Scope(model)
+
+    def scale(value):
+        return value * loss_scale.astype(value.dtype)
+
+    def objective(trainable):
+        def run():
+            y_pred = model(batch.x, training=True)
+            total, task_losses, extra, present = _losses_of(model, plan, batch, y_pred)
+            constants = jax.lax.stop_gradient(task_losses.astype("float32"))
+            weights, _ = phases.task_weights(plan, constants, None)
+            weights = jax.lax.stop_gradient(weights)
+            own = phases.weighting_loss(plan, constants, None)
+            losses = phases.Losses(total, list(task_losses), None if not present else extra)
+            value = phases.loss_objective(plan, losses, weights, own, scale)
+            return value, (y_pred, total, task_losses, weights)
+
+        (value, aux), ntv, metrics = scope.run(run, trainable, state.non_trainable, state.metrics)
+        return value, (aux, ntv, metrics)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (_, ((y_pred, total, task_losses, weights), ntv, metrics)), grads = grad_fn(state.trainable)
+    return _Result(y_pred, total, task_losses, None, weights, list(grads), ntv, metrics)
+
+
+# Gram-matrix weightings ------------------------------------------------------
+
+
+def _heads_vjp(model, plan, batch, state, z, ntv):
+    """One vjp of the summed task losses with each output's head on its own
+    copy of Z (separable heads): the copies' cotangents are the dL_t/dZ."""
+    scope = _Scope(model)
+    has_extra = []
+
+    def heads_and_losses(copies, trainable):
+        def run():
+            outputs = [head(c, training=True) for head, c in zip(plan.output_heads, copies, strict=True)]
+            y_pred = keras.tree.pack_sequence_as(plan.outputs_struct, outputs)
+            total, task_losses, extra, present = _losses_of(model, plan, batch, y_pred)
+            has_extra.append(present)
+            return y_pred, total, task_losses, extra
+
+        (y_pred, total, task_losses, extra), new_ntv, metrics = scope.run(run, trainable, ntv, state.metrics)
+        return (task_losses, extra), (y_pred, total, new_ntv, metrics)
+
+    copies = [z] * len(plan.output_heads)
+    (task_losses, extra), vjp, aux = jax.vjp(heads_and_losses, copies, state.trainable, has_aux=True)
+    return task_losses, extra, vjp, aux, has_extra[0]
+
+
+def _separable_gradients(model, plan, batch, state, z, ntv, loss_scale):
+    """dL_t/dZ (T, ...), each task's head gradients `(positions, grads)`,
+    the extra loss's gradients and the heads' aux, from one backward."""
+    task_losses, extra, vjp, aux, has_extra = _heads_vjp(model, plan, batch, state, z, ntv)
+    scale = loss_scale.astype(task_losses.dtype)
+    per_copy, head_grads = vjp((jnp.full(task_losses.shape, scale), jnp.zeros_like(extra)))
+    jac_z = jnp.stack([per_copy[i] for i in plan.task_outputs])
+    positions = _head_positions(model, plan)
+    head_parts = [(p, [head_grads[i] for i in p]) for p in positions]
+    extra_grads = vjp((jnp.zeros_like(task_losses), scale))[1] if has_extra else None
+    return task_losses, jac_z, head_parts, extra_grads, aux
+
+
+def _head_positions(model, plan):
+    """For each task, the positions of its head's own weights in the
+    trainable list (separable heads)."""
+    position = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    return [
+        [position[id(v)] for v in plan.output_heads[i].trainable_variables]
+        for i in plan.task_outputs
+    ]
+
+
+def _grouped_gradients(model, plan, batch, state, z, ntv, loss_scale):
+    """`_separable_gradients` for heads that share layers or outputs that
+    feed several tasks: one vjp per head group, one backward per task
+    through its own group."""
+    groups = _group_vjps(model, plan, state, z, ntv)
+    task_losses, loss_vjp, aux = _loss_vjp(model, plan, batch, state, groups)
+    scale = loss_scale.astype(task_losses.dtype)
+    output_cotangents = _output_cotangents(plan, loss_vjp, task_losses, scale)
+    jac_z, head_parts = [], []
+    for t, output in enumerate(plan.task_outputs):
+        group, slot = groups.place[output]
+        cotangent = [jnp.zeros_like(y) for y in groups.outputs[group]]
+        cotangent[slot] = output_cotangents[t]
+        dz, dparams = groups.vjps[group](cotangent)
+        jac_z.append(dz)
+        head_parts.append((groups.positions[group], list(dparams)))
+    extra_grads = loss_vjp((jnp.zeros_like(task_losses), scale))[1]
+    return task_losses, jnp.stack(jac_z), head_parts, extra_grads, aux
+
+
+def _output_cotangents(plan, loss_vjp, task_losses, scale):
+    """dL_t/dy for each task t, of the output its loss reads."""
+    zero = jnp.zeros((), task_losses.dtype)
+    if len(set(plan.task_outputs)) == len(plan.task_outputs):
+        # Each output feeds one task: one vjp of the summed losses gives
+        # every dL_t/dy_t (a vmap over one-hot cotangents would compute all
+        # T x T blocks, T - 1 of every T of them zeros).
+        per_output = loss_vjp((jnp.full(task_losses.shape, scale), zero))[0]
+        return [per_output[i] for i in plan.task_outputs]
+    # dL_t/dy for every task at once: the losses are cheap elementwise
+    # functions of the outputs.
+    one_hot = jnp.eye(plan.num_tasks, dtype=task_losses.dtype) * scale
+    per_task = jax.vmap(lambda c: loss_vjp((c, zero))[0])(one_hot)
+    return [per_task[i][t] for t, i in enumerate(plan.task_outputs)]
+
+
+_Groups = collections.namedtuple("_Groups", ["outputs", "vjps", "positions", "place", "ys", "ntv"])
+
+
+def _group_vjps(model, plan, state, z, ntv):
+    """Each head group run once under its own vjp, with respect to Z and its
+    own weights only (the others would come back as zeros to add, T times
+    over)."""
+    scope = _Scope(model)
+    position = {id(v): i for i, v in enumerate(scope.trainable)}
+    ys = [None] * len(plan.outputs)
+    outputs, vjps, positions, place = [], [], [], {}
+    for group, (indices, head) in enumerate(plan.head_groups):
+        own = [position[id(v)] for v in head.trainable_variables]
+
+        def head_fn(z, own_values, head=head, own=own, ntv=ntv, single=len(indices) == 1):
+            values = list(state.trainable)
+            for i, value in zip(own, own_values, strict=True):
+                values[i] = value
+            y, new_ntv = scope.run(lambda: head(z, training=True), values, ntv)
+            return ([y] if single else list(y)), new_ntv
+
+        own_values = [state.trainable[i] for i in own]
+        y_group, vjp, ntv = jax.vjp(head_fn, z, own_values, has_aux=True)
+        for slot, output in enumerate(indices):
+            ys[output] = y_group[slot]
+            place[output] = (group, slot)
+        outputs.append(y_group)
+        vjps.append(vjp)
+        positions.append(own)
+    return _Groups(outputs, vjps, positions, place, ys, ntv)
+
+
+def _loss_vjp(model, plan, batch, state, groups):
+    """The losses as a function of the outputs (and the weights, for the
+    extra loss), under one vjp."""
+    scope = _Scope(model)
+
+    def loss_fn(ys, trainable):
+        y_pred = keras.tree.pack_sequence_as(plan.outputs_struct, ys)
+
+        def run():
+            total, task_losses, extra, _ = _losses_of(model, plan, batch, y_pred)
+            return total, task_losses, extra
+
+        (total, task_losses, extra), ntv, metrics = scope.run(run, trainable, groups.ntv, state.metrics)
+        return (task_losses, extra), (y_pred, total, ntv, metrics)
+
+    (task_losses, _), vjp, aux = jax.vjp(loss_fn, groups.ys, state.trainable, has_aux=True)
+    return task_losses, vjp, aux
+
+
+def _encoder_vjp(model, plan, batch, state):
+    scope = _Scope(model)
+
+    def encoder_fn(trainable):
+        return scope.run(lambda: plan.split.encoder(batch.x, training=True), trainable, state.non_trainable)
+
+    return jax.vjp(encoder_fn, state.trainable, has_aux=True)
+
+
+def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
+    """The weights, head weights, the non-trainable values after the
+    weighting's state updates, and the gradient of its own loss (or None)."""
+    scope = _Scope(model)
     losses = jax.lax.stop_gradient(task_losses.astype("float32"))
     gram = jax.lax.stop_gradient(gram)
-
-    def fn(tv):
-        mapping = list(zip(trainable, tv)) + list(zip(non_trainable, ntv))
-
-        def run():
-            return weighting(losses, gram), weighting.loss(losses, gram)
-
-        (weights, weighting_loss), scope = _scoped(mapping, run)
-        new_ntv = _updated(scope, non_trainable, ntv)
-        has_loss.append(weighting_loss is not None)
-        if weighting_loss is None:
-            weighting_loss = jnp.zeros((), "float32")
-        scaled = weighting_loss * loss_scale.astype(weighting_loss.dtype)
-        return scaled, (weights, new_ntv)
-
     has_loss = []
-    if not weighting.trainable_variables:
-        _, (weights, new_ntv) = fn(trainable_values)
-        return new_ntv, jax.lax.stop_gradient(weights), None
-    (_, (weights, new_ntv)), grads = jax.value_and_grad(fn, has_aux=True)(
-        trainable_values
-    )
-    return new_ntv, jax.lax.stop_gradient(weights), grads if has_loss[0] else None
 
-
-def train_step(model, state, data):
-    trainable_values, non_trainable_values, optimizer_values, metrics_values = state
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    model._ensure_tasks(data)
-    optimizer = model.optimizer
-    weighting = model.weighting
-    trainable = model.trainable_variables
-    non_trainable = model.non_trainable_variables
-    metrics = model.metrics_variables
-    needs_gram = weighting.requires_gram
-    num_tasks = len(model.task_names)
-
-    optimizer_mapping = list(zip(optimizer.variables, optimizer_values))
-    with keras.StatelessScope(state_mapping=optimizer_mapping):
-        loss_scale = ops.convert_to_tensor(optimizer.scale_loss(1.0), "float32")
-
-    def encoder_fn(tv):
-        mapping = list(zip(trainable, tv)) + list(zip(non_trainable, non_trainable_values))
-        z, scope = _scoped(mapping, lambda: model.encoder(x, training=True))
-        return z, _updated(scope, non_trainable, non_trainable_values)
-
-    def heads_fn(z, tv, ntv):
-        mapping = (
-            list(zip(trainable, tv))
-            + list(zip(non_trainable, ntv))
-            + list(zip(metrics, metrics_values))
-        )
-
+    def fn(trainable):
         def run():
-            y_pred = model.heads(z, training=True)
-            loss = model._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            task_losses = model._task_losses()
-            extra = model._additional_loss()
-            if extra is None:
-                extra = jnp.zeros((), task_losses.dtype)
-            return y_pred, loss, task_losses, extra
+            weights, head_weights = phases.task_weights(plan, losses, gram)
+            return weights, head_weights, phases.weighting_loss(plan, losses, gram)
 
-        (y_pred, loss, task_losses, extra), scope = _scoped(mapping, run)
-        new_ntv = _updated(scope, non_trainable, ntv)
-        new_metrics = _updated(scope, metrics, metrics_values)
-        return (task_losses, extra), (y_pred, loss, new_ntv, new_metrics)
+        (weights, head_weights, own), new_ntv = scope.run(run, trainable, ntv)
+        has_loss.append(own is not None)
+        own = jnp.zeros((), "float32") if own is None else own
+        return own * loss_scale.astype(own.dtype), (weights, head_weights, new_ntv)
 
-    z, encoder_vjp, ntv = jax.vjp(encoder_fn, trainable_values, has_aux=True)
+    if not plan.weighting.trainable_variables:
+        _, (weights, head_weights, ntv) = fn(state.trainable)
+        return jax.lax.stop_gradient(weights), head_weights, ntv, None
+    (_, (weights, head_weights, ntv)), grads = jax.value_and_grad(fn, has_aux=True)(state.trainable)
+    return jax.lax.stop_gradient(weights), head_weights, ntv, grads if has_loss[0] else None
 
-    if needs_gram:
-        # Each output's head gets its own vjp, so that a task's backward
-        # runs its own head only (a vjp of all heads at once would run every
-        # head's backward for every task: T^2 head backwards).
-        # Heads that share a layer form one group and run once together
-        # (running the shared layer per output would update its state once
-        # per output); a task's backward then runs its whole group.
-        ys = [None] * len(keras.tree.flatten(model._outputs_struct))
-        group_outputs, head_vjps, head_indices, place = [], [], [], {}
-        position = {id(v): i for i, v in enumerate(trainable)}
-        for group, (outputs, head) in enumerate(model._head_groups()):
-            # Differentiate with respect to this head's own weights only: the
-            # others would come back as zeros to add, T times over.
-            indices = [position[id(v)] for v in head.trainable_variables]
-            own = [trainable[i] for i in indices]
 
-            own_set = set(indices)
-            others = [
-                (v, value)
-                for i, (v, value) in enumerate(zip(trainable, trainable_values))
-                if i not in own_set
-            ]
-
-            def head_fn(z, own_values, head=head, own=own, ntv=ntv, others=others, single=len(outputs) == 1):
-                mapping = (
-                    list(zip(own, own_values)) + others + list(zip(non_trainable, ntv))
-                )
-                y_out, scope = _scoped(mapping, lambda: head(z, training=True))
-                return ([y_out] if single else list(y_out)), _updated(scope, non_trainable, ntv)
-
-            own_values = [trainable_values[i] for i in indices]
-            y_group, head_vjp, ntv = jax.vjp(head_fn, z, own_values, has_aux=True)
-            for slot, output in enumerate(outputs):
-                ys[output] = y_group[slot]
-                place[output] = (group, slot)
-            group_outputs.append(y_group)
-            head_vjps.append(head_vjp)
-            head_indices.append(indices)
-
-        def loss_fn(ys, tv):
-            y_pred = keras.tree.pack_sequence_as(model._outputs_struct, ys)
-            mapping = (
-                list(zip(trainable, tv))
-                + list(zip(non_trainable, ntv))
-                + list(zip(metrics, metrics_values))
-            )
-
-            def run():
-                loss = model._compute_loss(
-                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-                )
-                extra = model._additional_loss()
-                if extra is None:
-                    extra = jnp.zeros((), loss.dtype)
-                return loss, model._task_losses(), extra
-
-            (loss, task_losses, extra), scope = _scoped(mapping, run)
-            aux = (y_pred, loss, _updated(scope, non_trainable, ntv), _updated(scope, metrics, metrics_values))
-            return (task_losses, extra), aux
-
-        (task_losses, extra), loss_vjp, aux = jax.vjp(loss_fn, ys, trainable_values, has_aux=True)
-        scale = loss_scale.astype(task_losses.dtype)
-        zero_extra = jnp.zeros_like(extra)
-        output_indices = model._task_output_indices()
-        if len(set(output_indices)) == len(output_indices):
-            # Each output feeds one task: one vjp of the summed losses gives
-            # every dL_t/dy_t (a vmap over one-hot cotangents would compute
-            # all T x T blocks, T - 1 of every T of them zeros).
-            summed = jnp.full((num_tasks,), scale, dtype=task_losses.dtype)
-            per_output = loss_vjp((summed, zero_extra))[0]
-            task_cotangents = [per_output[i] for i in output_indices]
-        else:
-            one_hot = jnp.eye(num_tasks, dtype=task_losses.dtype) * scale
-            # dL_t/dy for every task at once: the losses are cheap
-            # elementwise functions of the outputs.
-            stacked = jax.vmap(lambda c: loss_vjp((c, zero_extra))[0])(one_hot)
-            task_cotangents = [stacked[i][t] for t, i in enumerate(output_indices)]
-        jac_z, jac_params = [], []
-        for t, output_index in enumerate(output_indices):
-            group, slot = place[output_index]
-            cotangent = [jnp.zeros_like(y) for y in group_outputs[group]]
-            cotangent[slot] = task_cotangents[t]
-            dz, dparams = head_vjps[group](cotangent)
-            jac_z.append(dz)
-            jac_params.append((head_indices[group], dparams))
-        per_task_z = jnp.stack(jac_z)
-        if weighting.gradient_space == "parameters":
-            jacobians = jax.vmap(lambda g: encoder_vjp(g)[0])(per_task_z)
-        else:
-            jacobians = [per_task_z]
-        gram = step.gram_from_jacobians(jacobians, loss_scale)
-        ntv, weights, weighting_grads = _run_weighting(
-            model, trainable_values, aux[2], task_losses, gram, loss_scale
-        )
-        head_weights = weighting.head_weights(weights).astype(task_losses.dtype)
-        (grads,) = encoder_vjp(step.combine(weights, per_task_z))
-        _, extra_grads = loss_vjp((jnp.zeros_like(task_losses), scale))
-        grads = [g + e for g, e in zip(grads, extra_grads)]
-        grads = list(grads)
-        for t, (indices, dparams) in enumerate(jac_params):
-            for i, d in zip(indices, dparams):
-                grads[i] = grads[i] + (head_weights[t] * d).astype(grads[i].dtype)
-        if weighting_grads is not None:
-            grads = [g + w.astype(g.dtype) for g, w in zip(grads, weighting_grads)]
-        y_pred, loss, _, metrics_after_loss = aux
-        aux = (y_pred, loss, ntv, metrics_after_loss)
+def _gram_step(model, plan, batch, state, loss_scale):
+    """Gram-matrix weightings: per-task gradients with respect to Z, the
+    weights, one encoder backward."""
+    z, encoder_vjp, ntv = _encoder_vjp(model, plan, batch, state)
+    gradients = _separable_gradients if plan.separable else _grouped_gradients
+    task_losses, jac_z, head_parts, extra_grads, aux = gradients(model, plan, batch, state, z, ntv, loss_scale)
+    y_pred, total, ntv, metrics = aux
+    if plan.in_parameters:
+        jacobians = jax.vmap(lambda g: encoder_vjp(g)[0])(jac_z)
     else:
-        gram = None
-
-        def objective(tv):
-            z_local, ntv_local = encoder_fn(tv)
-            (task_losses, extra), aux = heads_fn(z_local, tv, ntv_local)
-            y_pred, loss, ntv_local, metrics_local = aux
-            constants = jax.lax.stop_gradient(task_losses.astype("float32"))
-            mapping = list(zip(trainable, tv)) + list(zip(non_trainable, ntv_local))
-
-            def run():
-                return weighting(constants), weighting.loss(constants, None)
-
-            (weights, weighting_loss), scope = _scoped(mapping, run)
-            ntv_local = _updated(scope, non_trainable, ntv_local)
-            weights = jax.lax.stop_gradient(weights)
-            total = ops.sum(weights.astype(task_losses.dtype) * task_losses) + extra
-            if weighting_loss is not None:
-                total = total + weighting_loss.astype(total.dtype)
-            total = total * loss_scale.astype(total.dtype)
-            return total, (task_losses, weights, (y_pred, loss, ntv_local, metrics_local))
-
-        (_, (task_losses, weights, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
-            trainable_values
-        )
-    y_pred, loss, ntv, metrics_after_loss = aux
-
-    per_task_ok, logged_ok, step_ok = step.step_flags(optimizer, task_losses, gram, weights)
-    raising = model.on_nonfinite == "raise"
-    if raising:
-        # After a non-finite step, the rest of a multi-step execution
-        # (steps_per_execution > 1) changes nothing either: the wrapped
-        # train function raises with the state from before that step.
-        flag_index = _nonfinite_flag_index(model)
-        step_ok = jnp.logical_and(step_ok, metrics_values[flag_index] == 0)
-
-    new_trainable, new_optimizer = optimizer.stateless_apply(optimizer_values, grads, trainable_values)
-    new_trainable = _select(step_ok, new_trainable, trainable_values)
-    new_optimizer = _select(step_ok, new_optimizer, optimizer_values)
-    new_non_trainable = _select(step_ok, ntv, non_trainable_values)
-
-    # Metrics: Keras's loss tracker, compiled metrics, task weights.
-    mapping = list(zip(metrics, metrics_after_loss))
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        model._loss_tracker.update_state(loss, sample_weight=step.batch_size(x))
-        model._update_task_trackers(weights, logged_ok)
-        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if raising:
-            bad_task = jnp.argmin(per_task_ok.astype("int32"))
-            model._parts.nonfinite_tracker.update_state(step_ok, bad_task)
-    updated_metrics = _updated(scope, metrics, metrics_after_loss)
-    record_ids = step.step_record_ids(model)
-    kept_metrics = [
-        new if id(v) in record_ids else jnp.where(step_ok, new, old)
-        for v, new, old in zip(metrics, updated_metrics, metrics_values)
-    ]
-    with keras.StatelessScope(state_mapping=list(zip(metrics, kept_metrics))) as scope:
-        logs = model._train_logs(step_ok)
-    new_metrics = _updated(scope, metrics, kept_metrics)
-    return logs, (new_trainable, new_non_trainable, new_optimizer, new_metrics)
+        jacobians = [jac_z]
+    gram = phases.gram(jacobians, loss_scale)
+    weights, head_weights, ntv, weighting_grads = _weigh(model, plan, state, ntv, task_losses, gram, loss_scale)
+    (encoder_grads,) = encoder_vjp(phases.combine(weights, jac_z))
+    everything = range(len(state.trainable))
+    parts = [(everything, encoder_grads)]
+    parts += [(everything, g) for g in (extra_grads, weighting_grads) if g is not None]
+    head_weights = head_weights.astype(task_losses.dtype)
+    grads = phases.add_gradients(len(state.trainable), parts, head_parts, head_weights)
+    return _Result(y_pred, total, task_losses, gram, weights, grads, ntv, metrics)
 
 
-def _nonfinite_flag_index(model):
-    """Where `_FirstNonfiniteTask`'s variable sits in the metrics state."""
-    (flag,) = model._parts.nonfinite_tracker.variables
+# The step -------------------------------------------------------------------
+
+
+def _flag_index(model, plan):
+    """Where `FirstNonfiniteTask`'s variable sits in the metrics state."""
+    (flag,) = plan.trackers.nonfinite.variables
     for index, v in enumerate(model.metrics_variables):
         if v is flag:
             return index
     raise RuntimeError("keras_mgda: the non-finite flag is not a metric variable.")
 
 
+def _metrics_after(model, plan, batch, result, decision, old_metrics):
+    """The metrics updated for this step, rolled back (but the step
+    records) when it is not taken; and the logs."""
+    scope = _Scope(model)
+    mapping = list(zip(scope.metrics, result.metrics))
+    with keras.StatelessScope(state_mapping=mapping) as stateless:
+        phases.update_metrics(
+            model, plan, batch, result.y_pred, result.total, result.weights, decision.logged_ok
+        )
+        if plan.on_nonfinite == "raise":
+            plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
+    updated = _updated(stateless, scope.metrics, result.metrics)
+    records = plan.record_variable_ids()
+    kept = [
+        new if id(v) in records else jnp.where(decision.step_ok, new, old)
+        for v, new, old in zip(scope.metrics, updated, old_metrics, strict=True)
+    ]
+    with keras.StatelessScope(state_mapping=list(zip(scope.metrics, kept))) as stateless:
+        logs = phases.train_logs(model, plan, decision.step_ok)
+    return logs, _updated(stateless, scope.metrics, kept)
+
+
+def train_step(model, state, data):
+    state = State(*state)
+    plan, batch = phases.begin(model, data)
+    optimizer = model.optimizer
+    with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, state.optimizer))):
+        loss_scale = keras.ops.convert_to_tensor(optimizer.scale_loss(1.0), "float32")
+    step = _gram_step if plan.needs_gram else _loss_step
+    result = step(model, plan, batch, state, loss_scale)
+    grads_ok = phases.gradients_finite(result.grads)
+    decision = phases.decide(plan, optimizer, result.task_losses, result.gram, result.weights, grads_ok)
+    if plan.on_nonfinite == "raise":
+        # After a non-finite step, the rest of a multi-step execution
+        # (steps_per_execution > 1) changes nothing either.
+        clean = state.metrics[_flag_index(model, plan)] == 0
+        decision = decision._replace(step_ok=jnp.logical_and(decision.step_ok, clean))
+    trainable, optimizer_values = optimizer.stateless_apply(state.optimizer, result.grads, state.trainable)
+    ok = decision.step_ok
+    logs, metrics = _metrics_after(model, plan, batch, result, decision, state.metrics)
+    return logs, (
+        _select(ok, trainable, state.trainable),
+        _select(ok, result.non_trainable, state.non_trainable),
+        _select(ok, optimizer_values, state.optimizer),
+        metrics,
+    )
+
+
 def wrap_train_function(model, train_function):
-    """Raises after a non-finite step, once the unchanged state is back on
-    the model's variables (with `on_nonfinite="raise"`)."""
-    if model.on_nonfinite != "raise":
-        return train_function
+    """Raises after a non-finite step (with `on_nonfinite="raise"`), and
+    after an error inside the step, once the state from before that step
+    is back on the model's variables."""
 
     def checked(state, data):
-        if model._parts.nonfinite_tracker is None:
-            # No tasks yet: the step raises the error that says why.
-            return train_function(state, data)
-        flag_index = _nonfinite_flag_index(model)
-        trainable, non_trainable, optimizer_values, metrics_values = state
-        metrics_values = list(metrics_values)
-        metrics_values[flag_index] = jnp.zeros_like(metrics_values[flag_index])
-        state = (trainable, non_trainable, optimizer_values, metrics_values)
-        logs, new_state = train_function(state, data)
-        # One scalar read per call: waits for the step, as Keras's own
-        # logging does whenever a callback reads the logs.
-        bad = int(new_state[3][flag_index]) - 1
-        if bad >= 0:
-            trainable, non_trainable, optimizer_values, metrics_values = new_state
-            model._jax_state = {
-                "trainable_variables": trainable,
-                "non_trainable_variables": non_trainable,
-                "optimizer_variables": optimizer_values,
-                "metrics_variables": metrics_values,
-            }
-            model._jax_state_synced = False
-            model.jax_state_sync()
-            raise FloatingPointError(f"{model.nonfinite_message()} {model.task_names[bad]}")
+        plan = model.step_plan
+        raising = plan is not None and plan.on_nonfinite == "raise"
+        if raising:
+            state = _with_flag_cleared(model, plan, state)
+        try:
+            logs, new_state = train_function(state, data)
+        except BaseException:
+            _keras.set_jax_state(model, state)
+            raise
+        plan = model.step_plan
+        if plan is not None and plan.on_nonfinite == "raise":
+            # One scalar read per call: waits for the step, as Keras's own
+            # logging does whenever a callback reads the logs.
+            bad = int(new_state[3][_flag_index(model, plan)])
+            if bad:
+                _keras.set_jax_state(model, new_state)
+                raise phases.nonfinite_error(plan, bad - 1)
         return logs, new_state
 
     return checked
+
+
+def _with_flag_cleared(model, plan, state):
+    trainable, non_trainable, optimizer_values, metrics = state
+    metrics = list(metrics)
+    index = _flag_index(model, plan)
+    metrics[index] = jnp.zeros_like(metrics[index])
+    return trainable, non_trainable, optimizer_values, metrics

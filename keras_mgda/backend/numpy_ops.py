@@ -2,12 +2,12 @@
 
 The eager torch step solves the small T x T problem of a stateless
 gradient weighting (MGDA's min-norm point, CAGrad, IMTL-G, Nash-MTL,
-Aligned-MTL, UPGrad) on the host: the step reads its losses and Gram
-matrix once anyway (to decide whether the step is finite), and a few
-hundred NumPy calls on a 40 x 40 matrix cost a fraction of as many torch
-calls (each a kernel launch on a GPU, and the solver's loops read a value
-back every round). Same algorithm, same code in `solvers.py` and
-`weighting/*.py`, run through `solvers.op_namespace(numpy_ops)`.
+UPGrad) on the host: the step reads its losses and Gram matrix once anyway
+(to decide whether the step is finite), and a few hundred NumPy calls on a
+40 x 40 matrix cost a fraction of as many torch calls (each a kernel
+launch on a GPU, and the solver's loops read a value back every round).
+Same algorithm, same code in `solvers.py` and `weighting/*.py`, given this
+module as their `ops` argument.
 
 Only the functions and signatures those modules use are here: any other
 name raises AttributeError, so a weighting that needs one fails loudly in
@@ -221,6 +221,10 @@ def isfinite(x):
 
 def logical_and(x, y):
     return np.logical_and(x, y)
+
+
+def logical_not(x):
+    return np.logical_not(x)
 
 
 def one_hot(x, num_classes, dtype="float32"):

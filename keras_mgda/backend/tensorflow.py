@@ -1,16 +1,38 @@
-"""The multi-task train step on TensorFlow (tf.GradientTape, tf.distribute)."""
+"""The multi-task train step on TensorFlow (tf.GradientTape, tf.distribute).
+
+The phases of `keras_mgda.step.phases`, with TensorFlow's autodiff: one
+persistent tape over the forward pass; the per-task gradients dL_t/dZ from
+one backward of the summed losses when each head reads its own copy of Z
+(`StepPlan.separable`), else one backward per task through its own head;
+then one encoder backward with the cotangent sum_t w_t dL_t/dZ.
+
+Replicas of `tf.distribute` sum their Gram matrices and losses, so every
+replica solves the same global problem and takes the same decision.
+
+A compiled step cannot raise: a non-finite step is skipped inside it and
+recorded, and the wrapped train function raises `FloatingPointError`
+after the call. An error raised while the step runs (a loss's own check,
+a label out of range) can leave state the forward pass already changed:
+the step first copies that state into snapshot variables, and the wrapper
+puts it back before the error propagates.
+"""
+
+import collections
 
 import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_mgda import step
+from keras_mgda.step import phases
+
+__all__ = ["prepare_plan", "train_step", "wrap_train_function"]
+
+# What the gradient phase hands to the decision and apply phases.
+_Result = collections.namedtuple("_Result", ["y_pred", "losses", "task_losses", "gram", "weights", "grads"])
 
 
-def _unscale_for_distribution(value):
-    # Keras pre-scales each replica's loss by 1/R; the logged loss is not.
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return value * replicas if replicas > 1 else value
+def _replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _all_reduce_sum(value):
@@ -19,6 +41,196 @@ def _all_reduce_sum(value):
     if context is None or context.num_replicas_in_sync == 1:
         return value
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _global_losses(task_losses):
+    # Each replica's losses are its local means pre-scaled by 1/R, so their
+    # sum is the global mean: every replica weighs the same tasks.
+    return tf.stop_gradient(_all_reduce_sum(ops.cast(task_losses, "float32")))
+
+
+def _weighting_objective(plan, losses, gram):
+    """The weighting's own loss, scaled like a replica's loss (Keras sums
+    the replicas' gradients)."""
+    value = phases.weighting_loss(plan, losses, gram)
+    replicas = _replicas()
+    return value if value is None or replicas == 1 else value / replicas
+
+
+# Snapshots --------------------------------------------------------------
+
+
+def prepare_plan(plan, model):
+    """Makes one snapshot variable per protected variable (same shape, dtype
+    and distribution), outside any traced function."""
+    protected = plan.protected(model)
+    with tf.init_scope():
+        copies = [
+            keras.Variable(
+                initializer="zeros",
+                shape=v.shape,
+                dtype=v.dtype,
+                trainable=False,
+                aggregation=v.aggregation,
+                synchronization=v.synchronization,
+                name=f"keras_mgda_snapshot_{index}",
+            )
+            for index, v in enumerate(protected)
+        ]
+    plan.backend_state = (protected, copies)
+
+
+def _save(plan, model):
+    """Copies the protected state into its snapshots; returns the values."""
+    protected, copies = plan.backend_state
+    for v, copy in zip(protected, copies, strict=True):
+        copy.assign(v.value)
+    return [copy.value for copy in copies]
+
+
+def _restore_unless(ok, variables, saved):
+    """Puts the saved values back when the step is bad, in a branch taken
+    only then (a graph runs 2 ops per protected variable less on every good
+    step). Under a distribution strategy, assigning mirrored variables
+    inside a branch would need a merge call: select instead."""
+    if not variables:
+        return
+    if tf.distribute.has_strategy():
+        for v, old in zip(variables, saved, strict=True):
+            v.assign(ops.where(ok, v.value, old))
+        return
+
+    def restore():
+        for v, old in zip(variables, saved, strict=True):
+            v.assign(old)
+
+    ops.cond(ok, lambda: None, restore)
+
+
+# Gradients ------------------------------------------------------------------
+
+
+def _loss_step(model, plan, batch):
+    """Loss-based weightings (and one task): one backward of
+    sum_t w_t L_t, as Keras's own step."""
+    optimizer = model.optimizer
+    trainable = model.trainable_variables
+    with tf.GradientTape() as tape:
+        y_pred = model(batch.x, training=True)
+        losses = phases.compute_losses(model, plan, batch, y_pred)
+        task_losses = ops.stack(losses.tasks)
+        global_losses = _global_losses(task_losses)
+        weights, _ = phases.task_weights(plan, global_losses, None)
+        weights = tf.stop_gradient(weights)
+        own = _weighting_objective(plan, global_losses, None)
+        objective = phases.loss_objective(plan, losses, weights, own, optimizer.scale_loss)
+    grads = tape.gradient(objective, trainable)
+    return _Result(y_pred, losses, task_losses, None, weights, grads)
+
+
+def _forward(model, plan, batch):
+    """The encoder, then the heads on Z (each on its own copy of Z when the
+    heads are separable), and the losses."""
+    z = plan.split.encoder(batch.x, training=True)
+    if plan.separable:
+        copies = [tf.identity(z) for _ in plan.output_heads]
+        outputs = [head(c, training=True) for head, c in zip(plan.output_heads, copies, strict=True)]
+        y_pred = keras.tree.pack_sequence_as(plan.outputs_struct, outputs)
+    else:
+        copies = None
+        y_pred = plan.split.heads(z, training=True)
+    return z, copies, y_pred, phases.compute_losses(model, plan, batch, y_pred)
+
+
+def _task_gradients(plan, tape, scaled, z, copies, positions, trainable):
+    """dL_t/dZ stacked (T, ...) and each task's own head gradients as
+    `(positions, grads)`, from the scaled task losses (their sum when the
+    heads read copies of Z)."""
+    if copies is not None:
+        # One backward for all tasks: each copy of Z gets its head's task.
+        heads = [plan.output_heads[i].trainable_variables for i in plan.task_outputs]
+        flat = [v for head in heads for v in head]
+        grads = tape.gradient(scaled, copies + flat)
+        jac_z = tf.stack([grads[i] for i in plan.task_outputs])
+        head_parts, start = [], len(copies)
+        for head in heads:
+            head_parts.append(([positions[id(v)] for v in head], grads[start:start + len(head)]))
+            start += len(head)
+        return jac_z, head_parts
+    # One backward per task through its own head only: TF prunes the
+    # backward to the ops between the sources and that task's loss.
+    excluded = {id(v) for v in plan.split.encoder.trainable_variables}
+    excluded |= {id(v) for v in plan.weighting.trainable_variables}
+    head_vars = [v for v in trainable if id(v) not in excluded]
+    head_positions = [positions[id(v)] for v in head_vars]
+    jac_z, head_parts = [], []
+    for value in scaled:
+        grads = tape.gradient(value, [z] + head_vars)
+        jac_z.append(grads[0])
+        head_parts.append((head_positions, grads[1:]))
+    return tf.stack(jac_z), head_parts
+
+
+def _gram_matrix(plan, tape, z, jac_z, loss_scale):
+    """The global Gram matrix of the per-task gradients."""
+    if not plan.in_parameters:
+        # Replicas hold disjoint slices of Z: the Gram matrix adds up.
+        return _all_reduce_sum(phases.gram([jac_z], loss_scale))
+    encoder_vars = plan.split.encoder.trainable_variables
+    per_task = [tape.gradient(z, encoder_vars, output_gradients=g) for g in tf.unstack(jac_z)]
+    # The global gradient of a shared weight is the sum of the replicas'
+    # (pre-scaled) gradients: reduce before the products.
+    jacobians = [_all_reduce_sum(tf.stack(per_var)) for per_var in zip(*per_task) if per_var[0] is not None]
+    return phases.gram(jacobians, loss_scale)
+
+
+def _gram_step(model, plan, batch):
+    """Gram-matrix weightings: per-task gradients with respect to Z, the
+    weights, one encoder backward."""
+    optimizer = model.optimizer
+    trainable = model.trainable_variables
+    positions = {id(v): i for i, v in enumerate(trainable)}
+    with tf.GradientTape(persistent=True) as tape:
+        z, copies, y_pred, losses = _forward(model, plan, batch)
+        scaled = [optimizer.scale_loss(value) for value in losses.tasks]
+        if copies is not None:  # the target of the one backward, on the tape
+            scaled = tf.add_n(scaled)
+        scaled_extra = None if losses.extra is None else optimizer.scale_loss(losses.extra)
+    task_losses = ops.stack(losses.tasks)
+    jac_z, head_parts = _task_gradients(plan, tape, scaled, z, copies, positions, trainable)
+    loss_scale = optimizer.scale_loss(tf.ones((), dtype="float32"))
+    gram = _gram_matrix(plan, tape, z, jac_z, loss_scale)
+    global_losses = _global_losses(task_losses)
+    weights, head_weights, weighting_part = _weigh(model, plan, global_losses, gram, positions)
+    encoder_vars = plan.split.encoder.trainable_variables
+    encoder_grads = tape.gradient(z, encoder_vars, output_gradients=phases.combine(weights, jac_z))
+    parts = [([positions[id(v)] for v in encoder_vars], encoder_grads), weighting_part]
+    if scaled_extra is not None:
+        parts.append((range(len(trainable)), tape.gradient(scaled_extra, trainable)))
+    del tape
+    grads = phases.add_gradients(len(trainable), parts, head_parts, head_weights)
+    return _Result(y_pred, losses, task_losses, gram, weights, grads)
+
+
+def _weigh(model, plan, losses, gram, positions):
+    """The task weights, head weights, and the gradient of the weighting's
+    own loss as `(positions, grads)`."""
+    weighting_vars = plan.weighting.trainable_variables
+    if not weighting_vars:
+        # No tape around the solver: a tape over its while loops would make
+        # TF keep every iteration's values for a backward pass.
+        weights, head_weights = phases.task_weights(plan, losses, gram)
+        return tf.stop_gradient(weights), head_weights, ((), ())
+    with tf.GradientTape() as tape:
+        weights, head_weights = phases.task_weights(plan, losses, gram)
+        own = _weighting_objective(plan, losses, gram)
+    if own is None:
+        return tf.stop_gradient(weights), head_weights, ((), ())
+    grads = tape.gradient(model.optimizer.scale_loss(own), weighting_vars)
+    return tf.stop_gradient(weights), head_weights, ([positions[id(v)] for v in weighting_vars], grads)
+
+
+# Apply or skip --------------------------------------------------------------
 
 
 def _apply_if(ok, optimizer, grads, variables):
@@ -48,214 +260,65 @@ def _apply_if(ok, optimizer, grads, variables):
 
         ops.cond(ok, apply_each, lambda: None)
 
-    tf.distribute.get_replica_context().merge_call(
-        cross_replica, args=(ok, grads)
+    tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, grads))
+
+
+def _decide(model, plan, result):
+    """The decision, agreed by every replica; with `on_nonfinite="raise"`,
+    a step after a recorded non-finite one is never taken either."""
+    decision = phases.decide(
+        plan, model.optimizer, result.task_losses, result.gram, result.weights,
+        phases.gradients_finite(result.grads),
     )
-
-
-def _restore_unless(ok, variables, saved):
-    """`step.restore_unless`, with the restore in a branch taken only when
-    the step is bad: a graph then runs 2 ops per protected variable less on
-    every good step (about 170 with 40 tasks, whose loss trackers are all
-    protected). Under a distribution strategy, assigning mirrored
-    variables inside a branch would need a merge call: select instead."""
-    if not variables:
-        return
-    if tf.distribute.has_strategy():
-        step.restore_unless(ok, variables, saved)
-        return
-
-    def restore():
-        for v, old in zip(variables, saved):
-            v.assign(old)
-
-    ops.cond(ok, lambda: None, restore)
-
-
-def _weighting_loss(weighting, global_losses, gram):
-    """The weighting's own objective, scaled like a replica's loss (Keras
-    sums the replicas' gradients)."""
-    value = weighting.loss(global_losses, gram)
-    if value is None:
-        return None
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return value / replicas if replicas > 1 else value
+    step_ok = _all_reduce_sum(ops.cast(ops.logical_not(decision.step_ok), "int32")) == 0
+    if plan.on_nonfinite == "raise":
+        step_ok = ops.logical_and(step_ok, plan.trackers.nonfinite.task_plus_one.value == 0)
+    return decision._replace(step_ok=step_ok)
 
 
 def train_step(model, data):
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    model._ensure_tasks(data)
-    optimizer = model.optimizer
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    weighting = model.weighting
-    encoder, heads = model.encoder, model.heads
-    trainable = model.trainable_variables
-    needs_gram = weighting.requires_gram
-    in_parameters = needs_gram and weighting.gradient_space == "parameters"
-    protected = step.state_to_protect(model)
-    saved = step.snapshot(protected)
-
-    with tf.GradientTape(persistent=needs_gram) as tape:
-        z = encoder(x, training=True)
-        y_pred = heads(z, training=True)
-        loss = model._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-        model._loss_tracker.update_state(
-            _unscale_for_distribution(loss), sample_weight=step.batch_size(x)
-        )
-        task_loss_list = model._task_loss_list()
-        task_losses = ops.stack(task_loss_list)
-        extra = model._additional_loss()
-        scaled_extra = None if extra is None else optimizer.scale_loss(extra)
-        if needs_gram:
-            scaled_list = [optimizer.scale_loss(l) for l in task_loss_list]
-        else:
-            # Each replica's losses are its local means pre-scaled by 1/R, so
-            # their sum is the global mean: every replica weighs the same.
-            global_losses = tf.stop_gradient(
-                _all_reduce_sum(ops.cast(task_losses, "float32"))
-            )
-            weights = tf.stop_gradient(weighting(global_losses))
-            objective = ops.sum(
-                ops.cast(weights, task_losses.dtype)
-                * optimizer.scale_loss(task_losses)
-            )
-            weighting_loss = _weighting_loss(weighting, global_losses, None)
-            if weighting_loss is not None:
-                objective = objective + optimizer.scale_loss(
-                    ops.cast(weighting_loss, objective.dtype)
-                )
-            if scaled_extra is not None:
-                objective = objective + scaled_extra
-
-    gram = None
-    if needs_gram:
-        loss_scale = optimizer.scale_loss(tf.ones((), dtype="float32"))
-        encoder_vars = encoder.trainable_variables
-        encoder_ids = {id(v) for v in encoder_vars}
-        weighting_vars = weighting.trainable_variables
-        other_ids = encoder_ids | {id(v) for v in weighting_vars}
-        head_vars = [v for v in trainable if id(v) not in other_ids]
-        # One backward per task through its own head only: TF prunes the
-        # backward to the ops between the sources and that task's loss (a
-        # stacked target, or pfor over one, would run every head's backward
-        # for every task: T^2 head backwards).
-        jac_z, jac_heads = [], []
-        for scaled in scaled_list:
-            grads_t = tape.gradient(scaled, [z] + head_vars)
-            jac_z.append(grads_t[0])
-            jac_heads.append(grads_t[1:])
-        jac_z = tf.stack(jac_z)
-        if in_parameters:
-            per_task = [
-                tape.gradient(z, encoder_vars, output_gradients=g_t)
-                for g_t in tf.unstack(jac_z)
-            ]
-            # The global gradient of a shared weight is the sum of the
-            # replicas' (pre-scaled) gradients: reduce before the products.
-            jacobians = [
-                _all_reduce_sum(tf.stack(per_var))
-                for per_var in zip(*per_task)
-                if per_var[0] is not None
-            ]
-            gram = step.gram_from_jacobians(jacobians, loss_scale)
-        else:
-            # Replicas hold disjoint slices of Z: the Gram matrix adds up.
-            gram = _all_reduce_sum(step.gram_from_jacobians([jac_z], loss_scale))
-        # Each replica's losses are its local means pre-scaled by 1/R, so
-        # their sum is the global mean: every replica weighs the same tasks.
-        global_losses = _all_reduce_sum(ops.cast(task_losses, "float32"))
-        weighting_loss = None
-        if weighting_vars:
-            with tf.GradientTape() as weighting_tape:
-                weights = tf.stop_gradient(weighting(global_losses, gram))
-                weighting_loss = _weighting_loss(weighting, global_losses, gram)
-        else:
-            # No tape around the solver: a tape over its while loops would
-            # make TF keep every iteration's values for a backward pass.
-            weights = tf.stop_gradient(weighting(global_losses, gram))
-        head_weights = weighting.head_weights(weights)
-
-        # The encoder's one backward, with the cotangent sum_t w_t dL_t/dZ.
-        encoder_grads = tape.gradient(
-            z, encoder_vars, output_gradients=step.combine(weights, jac_z)
-        )
-        grads_by_id = dict(zip(map(id, encoder_vars), encoder_grads))
-        for index, v in enumerate(head_vars):
-            parts = [
-                ops.cast(head_weights[t], g[index].dtype) * g[index]
-                for t, g in enumerate(jac_heads)
-                if g[index] is not None
-            ]
-            if len(parts) > 1:  # a head layer shared by several tasks
-                grads_by_id[id(v)] = ops.sum(ops.stack(parts), axis=0)
-            else:
-                grads_by_id[id(v)] = parts[0] if parts else None
-        if weighting_loss is not None and weighting_vars:
-            weighting_grads = weighting_tape.gradient(
-                optimizer.scale_loss(weighting_loss), weighting_vars
-            )
-            grads_by_id.update(zip(map(id, weighting_vars), weighting_grads))
-        grads = [grads_by_id[id(v)] for v in trainable]
-        if scaled_extra is not None:
-            extra_grads = tape.gradient(scaled_extra, trainable)
-            grads = [
-                g if e is None else (e if g is None else g + e)
-                for g, e in zip(grads, extra_grads)
-            ]
-    else:
-        grads = tape.gradient(objective, trainable)
-    del tape
-
-    per_task_ok, logged_ok, step_ok = step.step_flags(
-        optimizer, task_losses, gram, weights
-    )
-    step_ok = _all_reduce_sum(ops.cast(ops.logical_not(step_ok), "int32")) == 0
-
-    bad_task = ops.argmin(ops.cast(per_task_ok, "int32"))
-    if model.on_nonfinite == "raise" and not model.jit_compile:
-        _restore_unless(step_ok, protected, saved)
-        check = tf.debugging.Assert(
-            step_ok,
-            [model.nonfinite_message(), tf.gather(tf.constant(model.task_names), bad_task)],
-            summarize=1,
-        )
-        # Every op the update creates waits for the check.
-        with tf.control_dependencies([check]):
-            optimizer.apply_gradients(zip(grads, trainable))
-    else:
-        # XLA compiles neither Assert nor string ops: skip the step here and
-        # let the wrapped train function raise (see wrap_train_function).
-        _apply_if(step_ok, optimizer, grads, trainable)
-        if model.on_nonfinite == "raise":
-            model._parts.nonfinite_flag().assign(
-                ops.where(step_ok, -1, ops.cast(bad_task, "int32"))
-            )
-
-    model._update_task_trackers(weights, logged_ok)
-    # Only the updates: the results are computed once, in `_train_logs`.
-    model._update_metrics(x, y, y_pred, sample_weight)
-    _restore_unless(step_ok, protected, saved)
-    return model._train_logs(step_ok)
+    plan, batch = phases.begin(model, data)
+    saved = _save(plan, model)
+    step = _gram_step if plan.needs_gram else _loss_step
+    result = step(model, plan, batch)
+    decision = _decide(model, plan, result)
+    _apply_if(decision.step_ok, model.optimizer, result.grads, model.trainable_variables)
+    if plan.on_nonfinite == "raise":
+        plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
+    total = result.losses.total * _replicas()  # Keras pre-scales each replica's loss by 1/R
+    phases.update_metrics(model, plan, batch, result.y_pred, total, result.weights, decision.logged_ok)
+    protected, _ = plan.backend_state
+    _restore_unless(decision.step_ok, protected, saved)
+    return phases.train_logs(model, plan, decision.step_ok)
 
 
 def wrap_train_function(model, train_function):
-    """Under XLA, raises after a non-finite step (whose updates were skipped
-    inside the step), naming the task."""
-    if model.on_nonfinite != "raise" or not model.jit_compile:
-        return train_function
+    """Raises `FloatingPointError` after a call whose step was not finite
+    (with `on_nonfinite="raise"`), and puts the protected state back when
+    an error escapes the step."""
 
     def checked(iterator):
-        flag = model._parts.nonfinite_flag()
-        flag.assign(-1)
-        logs = train_function(iterator)
-        bad = int(flag.numpy())
-        if bad >= 0:
-            raise FloatingPointError(
-                f"{model.nonfinite_message()} {model.task_names[bad]}"
-            )
+        try:
+            logs = train_function(iterator)
+        except BaseException:
+            _restore_snapshots(model)
+            raise
+        plan = model.step_plan
+        if plan is not None and plan.on_nonfinite == "raise":
+            flag = plan.trackers.nonfinite.task_plus_one
+            bad = int(flag.numpy())
+            if bad:
+                flag.assign(0.0)
+                raise phases.nonfinite_error(plan, bad - 1)
         return logs
 
     return checked
+
+
+def _restore_snapshots(model):
+    plan = model.step_plan
+    if plan is None or plan.backend_state is None:
+        return
+    protected, copies = plan.backend_state
+    for v, copy in zip(protected, copies, strict=True):
+        v.assign(copy.value)

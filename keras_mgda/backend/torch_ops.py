@@ -3,8 +3,8 @@ step's Gram matrix use, as direct torch calls.
 
 Keras's torch ops convert and check every argument (about 20 us per op on a
 CPU); the solver runs a few hundred small ops per step in eager torch, which
-made it most of MGDA's overhead at T=40. The torch train step runs the
-solver with this namespace instead (`solvers.op_namespace`): the same
+made it most of MGDA's overhead at T=40. The torch train step passes this
+namespace as the solvers' and weightings' `ops` argument instead: the same
 algorithm, the same code in `solvers.py`, without the per-op conversions.
 Only the signatures the solver uses are covered; any other `keras.ops`
 function is taken from Keras as is (the weighting modules use a few more).
@@ -13,11 +13,13 @@ function is taken from Keras as is (the weighting modules use a few more).
 import keras
 import numpy as np
 import torch
-from keras.src.backend.torch.core import get_device
-from keras.src.backend.torch.core import to_torch_dtype
+
+from keras_mgda import _keras
 
 # Eager loops are plain Python loops, the same for NumPy and torch.
 from keras_mgda.backend.numpy_ops import while_loop  # noqa: F401
+
+get_device, to_torch_dtype = _keras.torch_core_functions()
 
 
 def _dtype(dtype):

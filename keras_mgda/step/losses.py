@@ -1,0 +1,90 @@
+"""The per-task losses, read from Keras's own compiled loss.
+
+There is no public per-output loss list in Keras. `CompileLoss` keeps one
+entry per output compiled with a loss; wrapping each entry's loss function
+to record the value it computes keeps Keras's structure handling,
+`sample_weight`, `loss_weights` and the `<output>_loss` trackers, and gives
+the step one scalar per task, each depending on its own output only.
+"""
+
+import keras
+
+from keras_mgda import _keras
+
+__all__ = ["RecordingLoss", "record_task_losses", "task_loss_list"]
+
+
+class RecordingLoss:
+    """Wraps one entry of Keras's `CompileLoss` to keep the value it
+    computed in `sink[index]`.
+
+    Args:
+        loss_fn: the entry's loss function.
+        sink: a dict shared by every task's recorder.
+        index: the task's index.
+    """
+
+    def __init__(self, loss_fn, sink, index):
+        self.loss_fn = loss_fn
+        self.sink = sink
+        self.index = index
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        value = self.loss_fn(y_true, y_pred, sample_weight)
+        self.sink[self.index] = value
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self.loss_fn, name)
+
+
+def record_task_losses(compile_loss, sink):
+    """Makes every task loss of `compile_loss` record its value in `sink`.
+
+    Args:
+        compile_loss: the model's `CompileLoss`, built.
+        sink: the dict the values go to, keyed by task index.
+
+    Returns:
+        `(names, loss_weights)`: the tasks' names and their `loss_weights`
+        (1.0 where none was given), in task order.
+
+    Raises:
+        ValueError: when no output has a loss.
+    """
+    entries = _keras.flat_losses(compile_loss)
+    if not entries:
+        raise ValueError(
+            "No output of the model has a loss, so there is no task. "
+            "Pass `loss=` to `compile` for the outputs that are tasks."
+        )
+    for index, entry in enumerate(entries):
+        if isinstance(entry.loss, RecordingLoss):
+            entry.loss.sink = sink
+        else:
+            entries[index] = entry._replace(loss=RecordingLoss(entry.loss, sink, index))
+    names = [entry.name for entry in entries]
+    weights = [1.0 if entry.loss_weights is None else entry.loss_weights for entry in entries]
+    return names, weights
+
+
+def task_loss_list(sink, loss_weights, dtype):
+    """The per-task losses recorded by the last loss computation, times
+    their `loss_weights`.
+
+    Args:
+        sink: the dict `record_task_losses` fills.
+        loss_weights: one weight per task.
+        dtype: the compiled loss's dtype.
+
+    Returns:
+        A list of T scalars, each depending on its own output only (so a
+        backward from one reaches one head).
+    """
+    values = []
+    for index, weight in enumerate(loss_weights):
+        value = keras.ops.cast(sink[index], dtype)
+        if not (isinstance(weight, (int, float)) and weight == 1):
+            value = value * weight
+        values.append(value)
+    return values

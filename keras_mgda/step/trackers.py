@@ -1,0 +1,98 @@
+"""The metrics a multi-task step keeps besides Keras's own: each task's
+weight, the count of skipped steps, and the first non-finite task."""
+
+import collections
+
+import keras
+
+__all__ = ["FirstNonfiniteTask", "TaskWeightsMean", "Trackers", "make_trackers"]
+
+Trackers = collections.namedtuple("Trackers", ["alpha", "skipped", "nonfinite"])
+
+
+class TaskWeightsMean(keras.metrics.Metric):
+    """The mean of each task's weight over the steps whose weights are
+    finite, logged as `<task>_alpha`.
+
+    One (T,) sum instead of T `Mean` metrics: a step then updates two
+    variables whatever the number of tasks (T metrics cost about 5 ms per
+    step with 40 tasks in eager torch).
+
+    Args:
+        task_names: the tasks' names, in task order.
+    """
+
+    def __init__(self, task_names):
+        super().__init__(name="task_weights", dtype="float32")
+        self.task_names = list(task_names)
+        self.total = self.add_variable(
+            shape=(len(self.task_names),),
+            initializer="zeros",
+            dtype=self.dtype,
+            aggregation="sum",
+            name="total",
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, aggregation="sum", name="count"
+        )
+
+    def update_state(self, weights, finite):
+        if isinstance(finite, bool):  # eager steps decide on the host
+            if finite:
+                self.total.assign_add(keras.ops.cast(weights, self.dtype))
+                self.count.assign_add(1.0)
+            return
+        weights = keras.ops.cast(weights, self.dtype)
+        self.total.assign_add(keras.ops.where(finite, weights, keras.ops.zeros_like(weights)))
+        self.count.assign_add(keras.ops.cast(finite, self.dtype))
+
+    def result_names(self):
+        return [f"{name}_alpha" for name in self.task_names]
+
+    def result(self):
+        means = keras.ops.divide_no_nan(self.total, self.count)
+        values = keras.ops.unstack(means, num=len(self.task_names))
+        return dict(zip(self.result_names(), values, strict=True))
+
+
+class FirstNonfiniteTask(keras.metrics.Metric):
+    """The first non-finite step since the last reset, as state of the
+    compiled step: 0 when none, else 1 + the index of the task at fault
+    (T + 1 when no single task is: the shared weights' gradients or the
+    task weights).
+
+    A compiled step (TensorFlow, JAX) cannot raise, so it records here and
+    changes nothing from then on; the train function's wrapper reads it
+    after each call and raises (see `phases.nonfinite_error`). A host
+    callback from inside the step would cost more than the whole
+    weighting. Logs nothing. Every replica decides alike, so the first
+    replica's value is kept under `tf.distribute`.
+    """
+
+    def __init__(self):
+        super().__init__(name="first_nonfinite_task", dtype="float32")
+        self.task_plus_one = self.add_variable(
+            shape=(),
+            initializer="zeros",
+            dtype=self.dtype,
+            aggregation="only_first_replica",
+            name="task_plus_one",
+        )
+
+    def update_state(self, step_ok, bad_index):
+        current = self.task_plus_one.value
+        first = keras.ops.logical_and(current == 0, keras.ops.logical_not(step_ok))
+        value = keras.ops.cast(bad_index, self.dtype) + 1
+        self.task_plus_one.assign(keras.ops.where(first, value, current))
+
+    def result(self):
+        return {}
+
+
+def make_trackers(task_names):
+    """The three trackers for a compiled set of tasks."""
+    return Trackers(
+        alpha=TaskWeightsMean(task_names),
+        skipped=keras.metrics.Sum(name="skipped_steps"),
+        nonfinite=FirstNonfiniteTask(),
+    )
