@@ -107,7 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--backend", default=None, choices=("tensorflow", "jax", "torch"),
                    help="sets KERAS_BACKEND before Keras is imported (default: KERAS_BACKEND, else Keras's)")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--lr-decay", type=float, default=0.85, help="learning-rate factor at every --lr-decay-every-th epoch")
+    p.add_argument(
+        "--lr-decay", type=float, default=0.85, help="learning-rate factor at every --lr-decay-every-th epoch"
+    )
     p.add_argument("--lr-decay-every", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--momentum", type=float, default=0.9)

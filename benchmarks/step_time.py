@@ -21,6 +21,7 @@ import numpy as np
 
 import keras_mgda as km
 
+
 def _methods():
     """Every weighting by lowercase name, plus MGDA's parameter-space mode."""
     methods = dict(km.weighting.by_name())

@@ -218,7 +218,10 @@ def run(
     path = os.path.join(args.output, "results.json")
     with open(path, "w") as handle:
         json.dump(results, handle, indent=2)
-    print(json.dumps({"scores": results["scores"], **({"delta_m": results["delta_m"]} if "delta_m" in results else {})}, indent=2))
+    shown = {"scores": results["scores"]}
+    if "delta_m" in results:
+        shown["delta_m"] = results["delta_m"]
+    print(json.dumps(shown, indent=2))
     print(f"wrote {path}")
     return results
 

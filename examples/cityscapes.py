@@ -24,7 +24,6 @@ Usage:
 """
 
 import _common  # noqa: F401  (sets the default backend before Keras loads)
-
 import keras  # noqa: E402
 
 import keras_mgda as km  # noqa: E402

@@ -17,4 +17,19 @@ from keras_mgda.baselines import single_task_models
 from keras_mgda.model import MGDAModel
 from keras_mgda.model import MultiTaskModel
 
+__all__ = [
+    "datasets",
+    "grid_search",
+    "metrics",
+    "MGDAModel",
+    "models",
+    "MultiTaskModel",
+    "plots",
+    "simplex_grid",
+    "single_task_model",
+    "single_task_models",
+    "solvers",
+    "weighting",
+]
+
 __version__ = "0.1.0"

@@ -7,6 +7,13 @@ import keras
 
 from keras_mgda.weighting.static import Static
 
+__all__ = [
+    "grid_search",
+    "simplex_grid",
+    "single_task_model",
+    "single_task_models",
+]
+
 
 def simplex_grid(num_tasks, steps):
     """Every weight vector on the simplex whose entries are multiples of

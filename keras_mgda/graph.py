@@ -10,6 +10,14 @@ Z alone and the per-task gradients with respect to Z tell the whole story.
 
 import keras
 
+__all__ = [
+    "find_shared_representation",
+    "head_groups",
+    "output_heads",
+    "resolve_shared",
+    "split_at",
+]
+
 _SOURCE = "source"
 _SINK = "sink"
 

@@ -21,6 +21,14 @@ import math
 import keras
 from keras import ops
 
+__all__ = [
+    "BinaryErrorRate",
+    "delta_m",
+    "DisparityError",
+    "InstanceOffsetError",
+    "SegmentationMeanIoU",
+]
+
 
 def _weights_like(sample_weight, mask):
     """`mask` times `sample_weight` broadcast from the batch axis."""

@@ -7,6 +7,11 @@ imported, so the package imports without it (`pip install
 
 import math
 
+__all__ = [
+    "accuracy_profile",
+    "summarize",
+]
+
 GRID = "grid"
 SINGLE_TASK = "single_task"
 

@@ -7,7 +7,9 @@ BACKENDS=${BACKENDS:-"tensorflow jax torch"}
 # torch==2.13.0 is the CPU build; a plain `torch` requirement would pull a
 # multi-GB CUDA build onto machines without a GPU.
 python -m pip install --quiet -e ".[tensorflow,jax,test]" "torch==2.13.0"
+echo "=== ruff check ==="
 status=0
+python -m ruff check . || status=1
 for backend in $BACKENDS; do
   echo "=== KERAS_BACKEND=$backend ==="
   KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@" || status=1

@@ -62,7 +62,7 @@ def _run(backend, mode, tmp_path):
     env = dict(os.environ, KERAS_BACKEND=backend)
     done = subprocess.run([sys.executable, str(script), mode], env=env,
                           capture_output=True, text=True, timeout=300)
-    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -79,6 +79,6 @@ def test_same_step_on_every_backend(mode, tmp_path):
     for backend in ("jax", "torch"):
         got = results[backend]
         np.testing.assert_allclose(got["alphas"], reference["alphas"], atol=1e-5, err_msg=backend)
-        for w, w_ref in zip(got["weights"], reference["weights"]):
+        for w, w_ref in zip(got["weights"], reference["weights"], strict=True):
             w, w_ref = np.asarray(w), np.asarray(w_ref)
             assert np.linalg.norm(w - w_ref) <= 1e-4 * np.linalg.norm(w_ref), backend

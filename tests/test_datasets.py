@@ -9,6 +9,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from shared_data import MNIST
+from shared_data import needs_mnist
+from shared_data import require_mnist
 
 tf = pytest.importorskip("tensorflow")
 
@@ -18,15 +21,9 @@ import keras_mgda as km  # noqa: E402
 cityscapes_lib = importlib.import_module("keras_mgda.datasets.cityscapes")
 multi_mnist_lib = importlib.import_module("keras_mgda.datasets.multi_mnist")
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
-needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST not at {MNIST}")
-
-
 @pytest.fixture(scope="module")
 def mnist():
-    if not MNIST.exists():
-        pytest.skip(f"real MNIST not at {MNIST}")
-    with np.load(MNIST) as data:
+    with np.load(require_mnist()) as data:
         return {k: data[k] for k in data.files}
 
 

@@ -1,15 +1,15 @@
 """The ready-made benchmark models build, find their shared representation,
 and train; the MultiMNIST LeNet learns real MNIST."""
 
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from shared_data import MNIST
+from shared_data import needs_mnist
 
 import keras_mgda as km
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 SPARSE_CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BACKEND = keras.backend.backend()
 # Tracing a ResNet's train step into a TF graph takes a minute on 2 CPU
@@ -25,7 +25,8 @@ def _weights(model):
 
 
 def _changed(before, model):
-    return [not np.allclose(a, keras.ops.convert_to_numpy(b)) for a, b in zip(before, model.trainable_weights)]
+    pairs = zip(before, model.trainable_weights, strict=True)
+    return [not np.allclose(a, keras.ops.convert_to_numpy(b)) for a, b in pairs]
 
 
 # MultiMNIST LeNet ------------------------------------------------------------
@@ -54,11 +55,13 @@ def test_lenet_takes_any_weighting_and_mgda_options():
     assert mgda.weighting.normalization == "l2" and mgda.weighting.mode == "parameters"
     mgda = km.models.multi_mnist_lenet(weighting=km.weighting.MGDA(normalization="none"))
     assert isinstance(mgda, km.MGDAModel) and mgda.weighting.normalization == "none"
-    assert "conv2_dropout" not in [l.name for l in km.models.multi_mnist_lenet(dropout=0).layers]
+    assert "conv2_dropout" not in [layer.name for layer in km.models.multi_mnist_lenet(dropout=0).layers]
 
 
 def _multi_mnist_arrays(split, limit):
-    from keras_mgda.datasets.multi_mnist import load_mnist_arrays, make_pairs, normalize
+    from keras_mgda.datasets.multi_mnist import load_mnist_arrays
+    from keras_mgda.datasets.multi_mnist import make_pairs
+    from keras_mgda.datasets.multi_mnist import normalize
 
     images, labels = load_mnist_arrays(split, str(MNIST))
     canvases, left, right = make_pairs(images[:limit], labels[:limit], seed=0, split=split)
@@ -80,7 +83,7 @@ def _train_lenet(train_examples, batch_size, test_examples=2000):
     return history, scores
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST not at {MNIST}")
+@needs_mnist
 def test_lenet_learns_real_multi_mnist_quickly():
     """192 MGDA-UB steps on 6144 real MultiMNIST images: far above chance
     (10%) on 2000 test images. The full epoch is the slow test below."""
@@ -91,7 +94,7 @@ def test_lenet_learns_real_multi_mnist_quickly():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST.exists(), reason=f"real MNIST not at {MNIST}")
+@needs_mnist
 def test_lenet_reaches_good_accuracy_in_one_epoch_of_real_multi_mnist():
     """One epoch of the 60000 real MultiMNIST training images (MGDA-UB,
     Adam 1e-3, batch 64, no dropout): both digits above 85% on the 10000
@@ -164,7 +167,7 @@ def test_lenet_authors_dropout_variant_is_the_authors_masks():
     assert not np.allclose(left, left[:1])
     # At inference: the same network with no dropout at all (no rescaling).
     plain = km.models.multi_mnist_lenet(weighting=km.weighting.Uniform(), dropout=0)
-    for target, source in zip(plain.trainable_weights, authors.trainable_weights):
+    for target, source in zip(plain.trainable_weights, authors.trainable_weights, strict=True):
         target.assign(_numpy(source))  # a copy: JAX donates the buffers of predict
     expected = plain.predict(x[:2], verbose=0)
     got = authors.predict(x[:2], verbose=0)
@@ -347,7 +350,9 @@ def test_imagenet_preprocessing_matches_keras_applications():
 def test_cityscapes_pspnet_with_resnet50_trains_a_step():
     keras.utils.set_random_seed(3)
     model = km.models.cityscapes_pspnet(input_shape=(64, 64, 3), pool_scales=(1, 2), decoder_channels=16)
-    model.compile(keras.optimizers.Adam(5e-4), loss=km.models.cityscapes_losses(), metrics=km.models.cityscapes_metrics())
+    model.compile(
+        keras.optimizers.Adam(5e-4), loss=km.models.cityscapes_losses(), metrics=km.models.cityscapes_metrics()
+    )
     x, y = _cityscapes_batch(64, 64)
     history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])

@@ -90,7 +90,7 @@ def _run(replicas, normalization, mode, tmp_path):
         [sys.executable, str(script), str(replicas), normalization, mode],
         env=env, capture_output=True, text=True, timeout=300,
     )
-    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -107,7 +107,7 @@ def test_two_replicas_solve_the_global_problem(normalization, mode, tmp_path):
     two = _run(2, normalization, mode, tmp_path)
     np.testing.assert_allclose(two["alpha"], one["alpha"], atol=1e-5)
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
-    for start, w2, w1 in zip(one["initial"], two["weights"], one["weights"]):
+    for start, w2, w1 in zip(one["initial"], two["weights"], one["weights"], strict=True):
         update_one = np.asarray(w1) - np.asarray(start)
         update_two = np.asarray(w2) - np.asarray(start)
         error = np.linalg.norm(update_two - update_one)

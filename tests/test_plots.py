@@ -79,7 +79,7 @@ def test_accuracy_profile_takes_an_axes_and_the_authors_selection():
     assert right_ax.get_xlabel() == "left accuracy"
     line = _containers(right_ax)["uniform"].lines[0]
     np.testing.assert_allclose([line.get_xdata()[0], line.get_ydata()[0]], [0.966, 0.951])
-    paper = [l for l in right_ax.lines if l.get_label() == "MGDA-UB (paper)"]
+    paper = [line for line in right_ax.lines if line.get_label() == "MGDA-UB (paper)"]
     assert len(paper) == 1 and paper[0].get_xdata()[0] == 0.9726
     assert "authors" in right_ax.get_title()
     plt.close(figure)

@@ -97,7 +97,7 @@ def test_jit_compile_step_matches_the_uncompiled_one():
     logs_plain = plain.train_on_batch(x, y, return_dict=True)
     logs_compiled = compiled.train_on_batch(x, y, return_dict=True)
     assert logs_compiled["a_alpha"] == pytest.approx(logs_plain["a_alpha"], abs=1e-5)
-    for w1, w2 in zip(plain.get_weights(), compiled.get_weights()):
+    for w1, w2 in zip(plain.get_weights(), compiled.get_weights(), strict=True):
         np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6)
 
 
@@ -111,5 +111,5 @@ def test_jit_compiled_step_raises_on_nan_and_keeps_weights():
     y["a"][0] = np.nan
     with pytest.raises(FloatingPointError, match="NaN or Inf.* a$"):
         model.train_on_batch(x, y)
-    for w0, w1 in zip(before, model.get_weights()):
+    for w0, w1 in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(w0, w1)

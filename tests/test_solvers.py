@@ -615,7 +615,7 @@ def test_direct_torch_namespace_gives_the_same_weights(dtype):
         grams = ops.convert_to_tensor(grams)
         mask = None if mask is None else ops.convert_to_tensor(mask)
 
-        def run(namespace):
+        def run(namespace, grams=grams, losses=losses, mask=mask):
             divisors = solvers.normalization_divisors(grams, losses, "loss+", ops=namespace)
             normalized = solvers.normalize_gram(grams, divisors, ops=namespace)
             return ops.convert_to_numpy(solvers.min_norm(normalized, mask=mask, ops=namespace))

@@ -158,7 +158,7 @@ def _worker(rank, world, init_file, out_dir):
         results["skip/changed"] = np.array(
             any(
                 not np.array_equal(a, b)
-                for a, b in zip(model.get_weights(), initial)
+                for a, b in zip(model.get_weights(), initial, strict=True)
             )
         )
 
@@ -232,7 +232,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
             np.testing.assert_allclose(
                 result[f"{name}/alpha"], alphas, atol=1e-5, err_msg=where
             )
-            for i, (w, w0) in enumerate(zip(weights, initial)):
+            for i, (w, w0) in enumerate(zip(weights, initial, strict=True)):
                 delta_ref = w - w0
                 delta = result[f"{name}/w{i}"] - w0
                 scale = max(np.linalg.norm(delta_ref), 1e-12)
@@ -267,7 +267,7 @@ def test_loop_fallback_when_batched_backward_fails(monkeypatch):
     alphas, weights = _train(_build("parameters"), 1)
     assert calls["batched"] == 1  # the encoder (heads: one backward per task)
     np.testing.assert_allclose(alphas, expected[0], atol=1e-6)
-    for w, w_ref in zip(weights, expected[1]):
+    for w, w_ref in zip(weights, expected[1], strict=True):
         np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-6)
 
 

@@ -208,8 +208,9 @@ def _group_vjps(model, plan, state, z, ntv):
     outputs, vjps, positions, place = [], [], [], {}
     for group, (indices, head) in enumerate(plan.head_groups):
         own = [position[id(v)] for v in head.trainable_variables]
+        single = len(indices) == 1
 
-        def head_fn(z, own_values, head=head, own=own, ntv=ntv, single=len(indices) == 1):
+        def head_fn(z, own_values, head=head, own=own, ntv=ntv, single=single):
             values = list(state.trainable)
             for i, value in zip(own, own_values, strict=True):
                 values[i] = value

@@ -19,6 +19,43 @@ from keras_mgda import _keras
 # Eager loops are plain Python loops, the same for NumPy and torch.
 from keras_mgda.backend.numpy_ops import while_loop  # noqa: F401
 
+__all__ = [
+    "abs",
+    "all",
+    "any",
+    "arange",
+    "argmax",
+    "cast",
+    "clip",
+    "concatenate",
+    "convert_to_tensor",
+    "diagonal",
+    "einsum",
+    "eye",
+    "isfinite",
+    "log2",
+    "matmul",
+    "max",
+    "maximum",
+    "min",
+    "one_hot",
+    "ones_like",
+    "power",
+    "reshape",
+    "round",
+    "shape",
+    "solve",
+    "sqrt",
+    "square",
+    "stop_gradient",
+    "sum",
+    "take_along_axis",
+    "tensordot",
+    "transpose",
+    "where",
+    "zeros_like",
+]
+
 get_device, to_torch_dtype = _keras.torch_core_functions()
 
 

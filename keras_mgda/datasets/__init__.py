@@ -17,3 +17,17 @@ from keras_mgda.datasets.multi_mnist import make_pairs
 from keras_mgda.datasets.multi_mnist import multi_mnist
 from keras_mgda.datasets.multi_mnist import multi_mnist_arrays
 from keras_mgda.datasets.multi_mnist import overlay
+
+__all__ = [
+    "celeba",
+    "CELEBA_ATTRIBUTES",
+    "cityscapes",
+    "CITYSCAPES_CLASSES",
+    "instance_offsets",
+    "load_digits_arrays",
+    "load_mnist_arrays",
+    "make_pairs",
+    "multi_mnist",
+    "multi_mnist_arrays",
+    "overlay",
+]

@@ -1,5 +1,10 @@
 """CelebA: 40 binary face attributes, one task each, from tensorflow-datasets."""
 
+__all__ = [
+    "celeba",
+    "preprocess",
+]
+
 ATTRIBUTES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes",
     "Bald", "Bangs", "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair",

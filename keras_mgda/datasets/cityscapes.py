@@ -24,6 +24,14 @@ import os
 import threading
 import zipfile
 
+__all__ = [
+    "cityscapes",
+    "decode_disparity",
+    "instance_offsets",
+    "make_targets",
+    "train_id_table",
+]
+
 # Cityscapes labelId -> trainId (the 19 evaluated classes); 255 elsewhere.
 LABEL_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,

@@ -14,6 +14,17 @@ import os
 
 import numpy as np
 
+__all__ = [
+    "load_digits_arrays",
+    "load_mnist_arrays",
+    "make_pairs",
+    "multi_mnist",
+    "multi_mnist_arrays",
+    "normalize",
+    "overlay",
+    "pair_indices",
+]
+
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 CANVAS = 36

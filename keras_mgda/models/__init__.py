@@ -14,3 +14,16 @@ from keras_mgda.models.cityscapes import cityscapes_metrics
 from keras_mgda.models.cityscapes import cityscapes_pspnet
 from keras_mgda.models.multi_mnist import UnscaledDropout
 from keras_mgda.models.multi_mnist import multi_mnist_lenet
+
+__all__ = [
+    "AdaptiveAveragePooling",
+    "celeba_resnet18",
+    "cityscapes_losses",
+    "cityscapes_metrics",
+    "cityscapes_pspnet",
+    "DisparityLoss",
+    "ImageNetCaffePreprocessing",
+    "InstanceOffsetLoss",
+    "multi_mnist_lenet",
+    "UnscaledDropout",
+]

@@ -4,6 +4,10 @@ from keras_mgda import weighting as weighting_lib
 from keras_mgda.model import MGDAModel
 from keras_mgda.model import MultiTaskModel
 
+__all__ = [
+    "multi_task_model",
+]
+
 
 def multi_task_model(inputs, outputs, weighting=None, name=None, **model_kwargs):
     """An `MGDAModel` (weighting None or an MGDA instance, MGDA options in

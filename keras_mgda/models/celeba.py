@@ -5,6 +5,11 @@ import keras
 from keras_mgda.datasets.celeba import ATTRIBUTES
 from keras_mgda.models._build import multi_task_model
 
+__all__ = [
+    "celeba_resnet18",
+    "resnet18_trunk",
+]
+
 
 def _basic_block(x, filters, stride, name):
     """ResNet basic block: two 3x3 convolutions with BatchNorm, and a

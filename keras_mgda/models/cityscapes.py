@@ -8,6 +8,17 @@ from keras import ops
 from keras_mgda import metrics as metrics_lib
 from keras_mgda.models._build import multi_task_model
 
+__all__ = [
+    "AdaptiveAveragePooling",
+    "cityscapes_losses",
+    "cityscapes_metrics",
+    "cityscapes_pspnet",
+    "DisparityLoss",
+    "ImageNetCaffePreprocessing",
+    "InstanceOffsetLoss",
+    "pyramid_pooling_decoder",
+]
+
 IMAGENET_CAFFE_MEAN = (103.939, 116.779, 123.68)  # BGR
 
 

@@ -5,6 +5,11 @@ from keras import ops
 
 from keras_mgda.models._build import multi_task_model
 
+__all__ = [
+    "multi_mnist_lenet",
+    "UnscaledDropout",
+]
+
 DROPOUT_VARIANTS = ("keras", "authors")
 
 

@@ -1,20 +1,40 @@
 """Task weightings: per-task losses (and the Gram matrix of per-task
 gradients) in, one weight per task out."""
 
+from keras_mgda.weighting.aligned_mtl import AlignedMTL
 from keras_mgda.weighting.base import Weighting
 from keras_mgda.weighting.base import by_name
 from keras_mgda.weighting.base import get
+from keras_mgda.weighting.cagrad import CAGrad
+from keras_mgda.weighting.dtp import DTP
+from keras_mgda.weighting.dwa import DWA
+from keras_mgda.weighting.gradnorm import GradNorm
+from keras_mgda.weighting.imtl import IMTLG
+from keras_mgda.weighting.lbtw import LBTW
 from keras_mgda.weighting.mgda import MGDA
-from keras_mgda.weighting.uniform import Uniform
+from keras_mgda.weighting.nash_mtl import NashMTL
+from keras_mgda.weighting.pcgrad import PCGrad
 from keras_mgda.weighting.static import Static
 from keras_mgda.weighting.uncertainty import Uncertainty
-from keras_mgda.weighting.gradnorm import GradNorm
-from keras_mgda.weighting.dwa import DWA
-from keras_mgda.weighting.lbtw import LBTW
-from keras_mgda.weighting.dtp import DTP
-from keras_mgda.weighting.pcgrad import PCGrad
-from keras_mgda.weighting.cagrad import CAGrad
-from keras_mgda.weighting.imtl import IMTLG
-from keras_mgda.weighting.nash_mtl import NashMTL
-from keras_mgda.weighting.aligned_mtl import AlignedMTL
+from keras_mgda.weighting.uniform import Uniform
 from keras_mgda.weighting.upgrad import UPGrad
+
+__all__ = [
+    "AlignedMTL",
+    "by_name",
+    "CAGrad",
+    "DTP",
+    "DWA",
+    "get",
+    "GradNorm",
+    "IMTLG",
+    "LBTW",
+    "MGDA",
+    "NashMTL",
+    "PCGrad",
+    "Static",
+    "Uncertainty",
+    "Uniform",
+    "UPGrad",
+    "Weighting",
+]

@@ -23,7 +23,7 @@ __all__ = ["GRADIENT_SPACES", "Weighting", "by_name", "call_with_ops", "get", "p
 GRADIENT_SPACES = ("representation", "parameters")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepts_ops(function):
     try:
         return "ops" in inspect.signature(function).parameters

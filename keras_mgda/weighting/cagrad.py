@@ -1,6 +1,8 @@
 """CAGrad (Liu et al., NeurIPS 2021): conflict-averse gradient descent,
 written on the Gram matrix."""
 
+import collections
+
 import keras
 import numpy as np
 
@@ -170,98 +172,131 @@ def conflict_averse_dual(gram, mask, c, *, ops=keras.ops):
         `(coefficient, w)`: a scalar and (T,) weights on the simplex, with
         d = g0 + coefficient * sum_i w_i g_i.
     """
-    num_tasks = gram.shape[-1]
-    dtype = gram.dtype
-    mean = ops.mean(gram, axis=-1)  # g_i . g0
-    g0_norm2 = nx.maximum(ops.mean(mean), nx.const(0.0, gram, ops=ops), ops=ops)
-    radius = c * ops.sqrt(g0_norm2)
-    largest = ops.sqrt(ops.max(ops.where(mask, ops.diagonal(gram), 0.0)))
-    # t ||g_w(t)|| <= t max_i ||g_i||, so the root is at least radius / largest.
-    positive = (radius > 0) & (largest > 0)
-    low = ops.log2(ops.where(positive, radius, 1.0) / ops.where(positive, largest, 1.0))
+    path = _DualPath(gram, mask, c, ops)
+    low, high = path.bracket()
+    weights, norm = path.interpolate(low, high)
+    # Exactly on the ball: coefficient radius / |g_w|, as in the paper. If
+    # no t in the bracket reaches the radius, stay at its end, inside.
+    saturated = (high.norm < path.radius) | ~(norm > 0)
+    coefficient = ops.where(
+        saturated, ops.power(path.two, high.exponent), path.radius / ops.where(norm > 0, norm, 1.0)
+    )
+    weights = ops.where(saturated, high.weights, weights)
+    return path.capped(coefficient, weights), weights
 
-    def solve(ts):
-        """w(t) for a batch of t: the min-norm point of {g0 + t g_i}."""
+
+_Point = collections.namedtuple("_Point", ["exponent", "norm", "weights"])
+
+
+class _DualPath:
+    """The solution path w(t) of CAGrad's dual: the min-norm point of the
+    shifted gradients {g0 + t g_i}, and t ||g_w(t)||, which increases with
+    t and crosses the radius at the dual's solution."""
+
+    def __init__(self, gram, mask, c, ops):
+        self.gram, self.mask, self.ops = gram, mask, ops
+        self.zero = nx.const(0.0, gram, ops=ops)
+        self.two = nx.const(2.0, gram, ops=ops)
+        self.mean = ops.mean(gram, axis=-1)  # g_i . g0
+        self.g0_norm2 = nx.maximum(ops.mean(self.mean), self.zero, ops=ops)
+        self.radius = c * ops.sqrt(self.g0_norm2)
+        largest = ops.sqrt(ops.max(ops.where(mask, ops.diagonal(gram), 0.0)))
+        # t ||g_w(t)|| <= t max_i ||g_i||, so the root is at least radius / largest.
+        self.positive = (self.radius > 0) & (largest > 0)
+        safe = lambda x: ops.where(self.positive, x, 1.0)  # noqa: E731
+        self.lowest = ops.log2(safe(self.radius) / safe(largest))
+
+    def norm_of(self, weights):
+        """|g_w| for (..., T) weights."""
+        ops = self.ops
+        squared = ops.sum(weights * ops.matmul(weights, self.gram), axis=-1)
+        return ops.sqrt(nx.maximum(squared, self.zero, ops=ops))
+
+    def solve(self, exponents):
+        """w(t) and t ||g_w(t)|| for a batch of t = 2**exponents."""
+        ops = self.ops
+        ts = ops.power(self.two, exponents)
         t = ts[:, None, None]
-        shifted = g0_norm2 + t * (mean[None, :, None] + mean[None, None, :]) + t * t * gram[None]
-        weights = solvers.min_norm(shifted, mask=mask, ops=ops)
-        norms = ts * ops.sqrt(
-            nx.maximum(ops.sum(weights * ops.matmul(weights, gram), axis=-1), nx.const(0.0, gram, ops=ops), ops=ops)
-        )
-        return norms, weights
+        shifted = self.g0_norm2 + t * (self.mean[None, :, None] + self.mean[None, None, :])
+        shifted = shifted + t * t * self.gram[None]
+        weights = solvers.min_norm(shifted, mask=self.mask, ops=ops)
+        return ts * self.norm_of(weights), weights
 
-    two = nx.const(2.0, gram, ops=ops)
-    zero = nx.const(0.0, gram, ops=ops)
-
-    def bracket(exponents, norms, weights):
+    def crossing(self, exponents, norms, weights):
         """The first point with t ||g_w(t)|| at or above the radius, and the
         one before it. (The first crossing, not a count of the points
         below: far above the root, rounding in the shifted Gram matrix can
         bring t ||g_w(t)|| back below the radius.)"""
-        reached = norms >= radius
+        ops = self.ops
+        reached = norms >= self.radius
         last = exponents.shape[0] - 1
         first = ops.argmax(ops.cast(reached, "int32"))
         crossed = ops.any(reached)
-        high_index = ops.where(crossed, first, last)
-        low_index = ops.where(crossed, ops.clip(first - 1, 0, last), last)
-        pick = lambda x, i: ops.take(x, i, axis=0)  # noqa: E731
-        return (
-            pick(exponents, low_index), pick(norms, low_index), pick(weights, low_index),
-            pick(exponents, high_index), pick(norms, high_index), pick(weights, high_index),
-        )
+        high = ops.where(crossed, first, last)
+        low = ops.where(crossed, ops.clip(first - 1, 0, last), last)
 
-    # Each round solves POINTS + 2 problems at once, from the bracket's low
-    # end to its high end (one min_norm in the loop keeps compiled code small).
-    fractions = ops.arange(POINTS + 2, dtype=dtype) / (POINTS + 1)
+        def point(i):
+            return _Point(*(ops.take(x, i, axis=0) for x in (exponents, norms, weights)))
 
-    def round_(_, state):
-        low, high = state[0], state[3]
-        exponents = low + (high - low) * fractions
-        norms, weights = solve(ops.power(two, exponents))
-        return bracket(exponents, norms, weights)
+        return point(low), point(high)
 
-    # (The norms and weights of the initial state are placeholders.)
-    high = low + SPAN
-    one = nx.const(1.0, gram, ops=ops)
-    placeholder = ops.zeros((num_tasks,), dtype=dtype)
-    state = (low, one, placeholder, high, one, placeholder)
-    state = ops.fori_loop(0, ROUNDS, round_, state)
-    low, low_norm, low_weights, high, high_norm, high_weights = state
+    def bracket(self):
+        """ROUNDS rounds of POINTS + 2 problems solved at once, from the
+        bracket's low end to its high end (one min_norm in the loop keeps
+        compiled code small); returns the final bracket's two points."""
+        ops = self.ops
+        fractions = ops.arange(POINTS + 2, dtype=self.gram.dtype) / (POINTS + 1)
 
-    # Within one piece of the solution path w(t) is affine in 1/t (the KKT
-    # system of a fixed support), so along w(s) = (1 - s) w_low + s w_high,
-    # 1/t(s) = (1 - s) / t_low + s / t_high, the root of
-    # h(s) = |G^T w(s)|^2 - radius^2 / t(s)^2 is found by bisection.
-    inverse_low = ops.power(two, -low)
-    inverse_step = ops.power(two, -high) - inverse_low
-    step = high_weights - low_weights
-    quadratic = [
-        ops.sum(low_weights * ops.matmul(gram, low_weights)) - radius**2 * inverse_low**2,
-        2.0 * (ops.sum(low_weights * ops.matmul(gram, step)) - radius**2 * inverse_low * inverse_step),
-        ops.sum(step * ops.matmul(gram, step)) - radius**2 * inverse_step**2,
-    ]
+        def round_(_, state):
+            low, high = state[0], state[3]
+            exponents = low + (high - low) * fractions
+            low_point, high_point = self.crossing(exponents, *self.solve(exponents))
+            return tuple(low_point) + tuple(high_point)
 
-    def bisect(_, interval):
-        left, right = interval
-        middle = 0.5 * (left + right)
-        value = quadratic[0] + middle * (quadratic[1] + middle * quadratic[2])
-        return ops.where(value < 0, middle, left), ops.where(value < 0, right, middle)
+        # (The norms and weights of the initial state are placeholders.)
+        one = nx.const(1.0, self.gram, ops=ops)
+        placeholder = ops.zeros((self.gram.shape[-1],), dtype=self.gram.dtype)
+        state = (self.lowest, one, placeholder, self.lowest + SPAN, one, placeholder)
+        state = ops.fori_loop(0, ROUNDS, round_, state)
+        return _Point(*state[:3]), _Point(*state[3:])
 
-    left, right = ops.fori_loop(0, BISECTIONS, bisect, (zero, nx.const(1.0, gram, ops=ops)))
-    fraction = 0.5 * (left + right)
-    weights = low_weights + fraction * step
-    norm = ops.sqrt(nx.maximum(ops.sum(weights * ops.matmul(gram, weights)), zero, ops=ops))
-    # Exactly on the ball: coefficient radius / |g_w|, as in the paper. If
-    # no t in the bracket reaches the radius, stay at its end, inside.
-    saturated = (high_norm < radius) | ~(norm > 0)
-    coefficient = ops.where(saturated, ops.power(two, high), radius / ops.where(norm > 0, norm, 1.0))
-    weights = ops.where(saturated, high_weights, weights)
-    # Cap the cancellation: coefficient * sum_i w_i |g_i| <= CANCELLATION *
-    # radius, so the float32 error of |g_w| moves the update by at most
-    # ~CANCELLATION sqrt(eps) ~ 1% of the radius (a smaller coefficient stays
-    # inside the ball).
-    spread = ops.sum(weights * ops.sqrt(nx.maximum(ops.diagonal(gram), zero, ops=ops)))
-    cap = CANCELLATION * radius / ops.where(spread > 0, spread, 1.0)
-    coefficient = ops.where(spread > 0, nx.minimum(coefficient, cap, ops=ops), coefficient)
-    coefficient = ops.where(positive, coefficient, 0.0)
-    return coefficient, weights
+    def interpolate(self, low, high):
+        """The dual's weights between the bracket's two points, and their
+        |g_w|. Within one piece of the solution path w(t) is affine in 1/t
+        (the KKT system of a fixed support), so along
+        w(s) = (1 - s) w_low + s w_high, 1/t(s) = (1 - s) / t_low + s / t_high,
+        the root of h(s) = |G^T w(s)|^2 - radius^2 / t(s)^2 is found by
+        bisection."""
+        ops, gram, radius2 = self.ops, self.gram, self.radius**2
+        inverse_low = ops.power(self.two, -low.exponent)
+        inverse_step = ops.power(self.two, -high.exponent) - inverse_low
+        step = high.weights - low.weights
+        quadratic = [
+            ops.sum(low.weights * ops.matmul(gram, low.weights)) - radius2 * inverse_low**2,
+            2.0 * (ops.sum(low.weights * ops.matmul(gram, step)) - radius2 * inverse_low * inverse_step),
+            ops.sum(step * ops.matmul(gram, step)) - radius2 * inverse_step**2,
+        ]
+
+        def bisect(_, interval):
+            left, right = interval
+            middle = 0.5 * (left + right)
+            value = quadratic[0] + middle * (quadratic[1] + middle * quadratic[2])
+            return ops.where(value < 0, middle, left), ops.where(value < 0, right, middle)
+
+        one = nx.const(1.0, gram, ops=ops)
+        left, right = ops.fori_loop(0, BISECTIONS, bisect, (self.zero, one))
+        weights = low.weights + 0.5 * (left + right) * step
+        return weights, self.norm_of(weights)
+
+    def capped(self, coefficient, weights):
+        """The coefficient with the cancellation capped: coefficient *
+        sum_i w_i |g_i| <= CANCELLATION * radius, so the float32 error of
+        |g_w| moves the update by at most ~CANCELLATION sqrt(eps) ~ 1% of
+        the radius (a smaller coefficient stays inside the ball); 0 where
+        the radius or every gradient is 0."""
+        ops = self.ops
+        norms = ops.sqrt(nx.maximum(ops.diagonal(self.gram), self.zero, ops=ops))
+        spread = ops.sum(weights * norms)
+        cap = CANCELLATION * self.radius / ops.where(spread > 0, spread, 1.0)
+        coefficient = ops.where(spread > 0, nx.minimum(coefficient, cap, ops=ops), coefficient)
+        return ops.where(self.positive, coefficient, 0.0)

@@ -6,6 +6,10 @@ from keras import ops
 from keras_mgda.weighting.base import Weighting
 from keras_mgda.weighting.base import per_task_values
 
+__all__ = [
+    "DTP",
+]
+
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class DTP(Weighting):

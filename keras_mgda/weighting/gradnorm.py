@@ -6,6 +6,10 @@ from keras import ops
 from keras_mgda.weighting.base import GRADIENT_SPACES
 from keras_mgda.weighting.base import Weighting
 
+__all__ = [
+    "GradNorm",
+]
+
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class GradNorm(Weighting):

@@ -5,6 +5,10 @@ from keras import ops
 
 from keras_mgda.weighting.base import Weighting
 
+__all__ = [
+    "LBTW",
+]
+
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class LBTW(Weighting):

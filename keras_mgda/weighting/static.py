@@ -5,6 +5,10 @@ import keras
 from keras_mgda.weighting.base import Weighting
 from keras_mgda.weighting.base import per_task_values
 
+__all__ = [
+    "Static",
+]
+
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class Static(Weighting):

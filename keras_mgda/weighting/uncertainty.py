@@ -5,6 +5,10 @@ from keras import ops
 
 from keras_mgda.weighting.base import Weighting
 
+__all__ = [
+    "Uncertainty",
+]
+
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class Uncertainty(Weighting):

@@ -4,6 +4,10 @@ import keras
 
 from keras_mgda.weighting.base import Weighting
 
+__all__ = [
+    "Uniform",
+]
+
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class Uniform(Weighting):
