@@ -176,7 +176,8 @@ def add_gradients(count, parts, head_parts=(), head_weights=None):
             loss's, the weighting's), None entries skipped.
         head_parts: per task, `(positions, grads)` of its heads' own
             gradients, each multiplied by the task's head weight.
-        head_weights: (T,) head weights, when `head_parts` are given.
+        head_weights: (T,) head weights, or a list of T scalars, when
+            `head_parts` are given.
 
     Returns:
         A list of `count` gradients (None where nothing reached a variable).
