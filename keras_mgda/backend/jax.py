@@ -281,6 +281,20 @@ def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
     return jax.lax.stop_gradient(weights), head_weights, ntv, grads if has_loss[0] else None
 
 
+def _opaque_scalars(vector):
+    """The entries of a (T,) vector as T scalars that XLA cannot fuse back
+    into their consumers (they leave a while loop). Each head's update then
+    takes its task's weight as an operand, and XLA compiles the identical
+    update of identical heads once instead of once per head, with the
+    weights' last computations copied into each (4-6 s of compile at T=40)."""
+    def keep(i, values):  # x (i + 1) = x at i = 0, which XLA cannot see
+        factor = (i + 1).astype(vector.dtype)
+        return tuple(value * factor for value in values)
+
+    count = (vector[0] == vector[0]).astype("int32")  # 1 or 0: unknown to XLA
+    return list(jax.lax.fori_loop(0, count, keep, tuple(jnp.unstack(vector))))
+
+
 def _gram_step(model, plan, batch, state, loss_scale):
     """Gram-matrix weightings: per-task gradients with respect to Z, the
     weights, one encoder backward."""
@@ -298,8 +312,8 @@ def _gram_step(model, plan, batch, state, loss_scale):
     everything = range(len(state.trainable))
     parts = [(everything, encoder_grads)]
     parts += [(everything, g) for g in (extra_grads, weighting_grads) if g is not None]
-    head_weights = head_weights.astype(task_losses.dtype)
-    grads = phases.add_gradients(len(state.trainable), parts, head_parts, head_weights)
+    scales = _opaque_scalars(head_weights.astype(task_losses.dtype))
+    grads = phases.add_gradients(len(state.trainable), parts, head_parts, scales)
     return _Result(y_pred, total, task_losses, gram, weights, grads, ntv, metrics)
 
 
