@@ -13,6 +13,7 @@ import keras
 __all__ = [
     "additional_loss",
     "compile_loss",
+    "compile_loss_trackers",
     "compile_metrics",
     "compute_loss",
     "flat_losses",
@@ -53,6 +54,14 @@ def flat_losses(compile_loss):
 def compile_loss(model):
     """The model's `CompileLoss`, or None when compiled without a loss."""
     return _attribute(model, "_compile_loss")
+
+
+def compile_loss_trackers(model):
+    """The `<output>_loss` metrics that Keras's compiled loss updates."""
+    compile_loss = _attribute(model, "_compile_loss")
+    if compile_loss is None:
+        return []
+    return [m for m in getattr(compile_loss, "metrics", []) if m is not None]
 
 
 def compile_metrics(model):

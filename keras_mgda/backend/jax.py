@@ -281,6 +281,39 @@ def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
     return jax.lax.stop_gradient(weights), head_weights, ntv, grads if has_loss[0] else None
 
 
+def _aggregate(model, plan, state, ntv, jac_z, jacobians, task_losses, gram, encoder_vjp):
+    """A `GradientAggregator`'s weights, head weights, the non-trainable
+    values after its state updates, and the encoder's gradients as
+    `(positions, grads)`."""
+    scope = _Scope(model)
+    losses = jax.lax.stop_gradient(task_losses.astype("float32"))
+    if plan.in_parameters:
+        # Only the shared weights' rows (the vjp gives zeros for the others).
+        position = {id(v): i for i, v in enumerate(scope.trainable)}
+        shared = [position[id(v)] for v in plan.split.encoder.trainable_variables]
+        jacobians = [jacobians[i] for i in shared]
+    out, ntv = scope.run(lambda: phases.aggregate(plan, jacobians, losses, gram), state.trainable, ntv)
+    directions, weights, head_weights = out
+    if plan.in_parameters:
+        return weights, head_weights, ntv, (shared, directions)
+    (encoder_grads,) = encoder_vjp(directions[0])
+    return weights, head_weights, ntv, (range(len(state.trainable)), encoder_grads)
+
+
+def _after_update(model, plan, batch, trainable, non_trainable, metrics, task_losses):
+    """The non-trainable values after an `AfterUpdateHook` has seen the
+    batch's losses with the updated weights (the metrics it touched are
+    dropped)."""
+    scope = _Scope(model)
+    losses = jax.lax.stop_gradient(task_losses.astype("float32"))
+
+    def run():
+        plan.weighting.after_update(losses, phases.inference_losses(model, plan, batch))
+
+    _, non_trainable, _ = scope.run(run, trainable, non_trainable, metrics)
+    return non_trainable
+
+
 def _opaque_scalars(vector):
     """The entries of a (T,) vector as T scalars that XLA cannot fuse back
     into their consumers (they leave a while loop). Each head's update then
@@ -307,11 +340,18 @@ def _gram_step(model, plan, batch, state, loss_scale):
     else:
         jacobians = [jac_z]
     gram = phases.gram(jacobians, loss_scale)
-    weights, head_weights, ntv, weighting_grads = _weigh(model, plan, state, ntv, task_losses, gram, loss_scale)
-    (encoder_grads,) = encoder_vjp(phases.combine(weights, jac_z))
     everything = range(len(state.trainable))
-    parts = [(everything, encoder_grads)]
-    parts += [(everything, g) for g in (extra_grads, weighting_grads) if g is not None]
+    if plan.aggregates:
+        weights, head_weights, ntv, encoder_part = _aggregate(
+            model, plan, state, ntv, jac_z, jacobians, task_losses, gram, encoder_vjp
+        )
+        parts = [encoder_part]
+    else:
+        weights, head_weights, ntv, weighting_grads = _weigh(model, plan, state, ntv, task_losses, gram, loss_scale)
+        (encoder_grads,) = encoder_vjp(phases.combine(weights, jac_z))
+        parts = [(everything, encoder_grads)] + ([(everything, weighting_grads)] if weighting_grads else [])
+    if extra_grads is not None:
+        parts.append((everything, extra_grads))
     scales = _opaque_scalars(head_weights.astype(task_losses.dtype))
     grads = phases.add_gradients(len(state.trainable), parts, head_parts, scales)
     return _Result(y_pred, total, task_losses, gram, weights, grads, ntv, metrics)
@@ -368,10 +408,15 @@ def train_step(model, state, data):
         decision = decision._replace(step_ok=jnp.logical_and(decision.step_ok, clean))
     trainable, optimizer_values = optimizer.stateless_apply(state.optimizer, result.grads, state.trainable)
     ok = decision.step_ok
+    non_trainable = result.non_trainable
+    if plan.needs_losses_after_update:
+        non_trainable = _after_update(
+            model, plan, batch, trainable, non_trainable, result.metrics, result.task_losses
+        )
     logs, metrics = _metrics_after(model, plan, batch, result, decision, state.metrics)
     return logs, (
         _select(ok, trainable, state.trainable),
-        _select(ok, result.non_trainable, state.non_trainable),
+        _select(ok, non_trainable, state.non_trainable),
         _select(ok, optimizer_values, state.optimizer),
         metrics,
     )

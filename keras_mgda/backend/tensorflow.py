@@ -172,16 +172,39 @@ def _task_gradients(plan, tape, scaled, z, copies, positions, trainable):
 
 
 def _gram_matrix(plan, tape, z, jac_z, loss_scale):
-    """The global Gram matrix of the per-task gradients."""
+    """The global Gram matrix of the per-task gradients, the gradients in
+    the weighting's space (a list of (T, ...) tensors) and the variables
+    they belong to (None: Z)."""
     if not plan.in_parameters:
         # Replicas hold disjoint slices of Z: the Gram matrix adds up.
-        return _all_reduce_sum(phases.gram([jac_z], loss_scale))
+        return _all_reduce_sum(phases.gram([jac_z], loss_scale)), [jac_z], None
     encoder_vars = plan.split.encoder.trainable_variables
     per_task = [tape.gradient(z, encoder_vars, output_gradients=g) for g in tf.unstack(jac_z)]
     # The global gradient of a shared weight is the sum of the replicas'
     # (pre-scaled) gradients: reduce before the products.
-    jacobians = [_all_reduce_sum(tf.stack(per_var)) for per_var in zip(*per_task) if per_var[0] is not None]
-    return phases.gram(jacobians, loss_scale)
+    reached = [(v, per_var) for v, per_var in zip(encoder_vars, zip(*per_task)) if per_var[0] is not None]
+    jacobians = [_all_reduce_sum(tf.stack(per_var)) for _, per_var in reached]
+    return phases.gram(jacobians, loss_scale), jacobians, [v for v, _ in reached]
+
+
+def _encoder_gradients(model, plan, tape, z, jac_z, spaces, losses, gram):
+    """The task weights, head weights and the encoder's gradients as
+    `(variables, grads)`: one backward with the cotangent sum_t w_t G_t,
+    or an aggregator's direction (see `GradientAggregator`)."""
+    encoder_vars = plan.split.encoder.trainable_variables
+
+    def backward(cotangent):
+        return encoder_vars, tape.gradient(z, encoder_vars, output_gradients=cotangent)
+
+    if not plan.aggregates:
+        weights, head_weights, own = _weigh(model, plan, losses, gram)
+        return weights, head_weights, own, backward(phases.combine(weights, jac_z))
+    jacobians, variables = spaces
+    directions, weights, head_weights = phases.aggregate(plan, jacobians, losses, gram)
+    if variables is None:
+        return weights, head_weights, None, backward(directions[0])
+    # Global directions: Keras sums the replicas' gradients, so each gives 1/R.
+    return weights, head_weights, None, (variables, [d / _replicas() for d in directions])
 
 
 def _gram_step(model, plan, batch):
@@ -199,12 +222,14 @@ def _gram_step(model, plan, batch):
     task_losses = ops.stack(losses.tasks)
     jac_z, head_parts = _task_gradients(plan, tape, scaled, z, copies, positions, trainable)
     loss_scale = optimizer.scale_loss(tf.ones((), dtype="float32"))
-    gram = _gram_matrix(plan, tape, z, jac_z, loss_scale)
+    gram, *spaces = _gram_matrix(plan, tape, z, jac_z, loss_scale)
     global_losses = _global_losses(task_losses)
-    weights, head_weights, weighting_part = _weigh(model, plan, global_losses, gram, positions)
-    encoder_vars = plan.split.encoder.trainable_variables
-    encoder_grads = tape.gradient(z, encoder_vars, output_gradients=phases.combine(weights, jac_z))
-    parts = [([positions[id(v)] for v in encoder_vars], encoder_grads), weighting_part]
+    weights, head_weights, own, (variables, encoder_grads) = _encoder_gradients(
+        model, plan, tape, z, jac_z, spaces, global_losses, gram
+    )
+    parts = [([positions[id(v)] for v in variables], encoder_grads)]
+    if own is not None:
+        parts.append(own)
     if scaled_extra is not None:
         parts.append((range(len(trainable)), tape.gradient(scaled_extra, trainable)))
     del tape
@@ -212,21 +237,22 @@ def _gram_step(model, plan, batch):
     return _Result(y_pred, losses, task_losses, gram, weights, grads)
 
 
-def _weigh(model, plan, losses, gram, positions):
+def _weigh(model, plan, losses, gram):
     """The task weights, head weights, and the gradient of the weighting's
-    own loss as `(positions, grads)`."""
+    own loss as `(positions, grads)` (None without one)."""
     weighting_vars = plan.weighting.trainable_variables
     if not weighting_vars:
         # No tape around the solver: a tape over its while loops would make
         # TF keep every iteration's values for a backward pass.
         weights, head_weights = phases.task_weights(plan, losses, gram)
-        return tf.stop_gradient(weights), head_weights, ((), ())
+        return tf.stop_gradient(weights), head_weights, None
     with tf.GradientTape() as tape:
         weights, head_weights = phases.task_weights(plan, losses, gram)
         own = _weighting_objective(plan, losses, gram)
     if own is None:
-        return tf.stop_gradient(weights), head_weights, ((), ())
+        return tf.stop_gradient(weights), head_weights, None
     grads = tape.gradient(model.optimizer.scale_loss(own), weighting_vars)
+    positions = {id(v): i for i, v in enumerate(model.trainable_variables)}
     return tf.stop_gradient(weights), head_weights, ([positions[id(v)] for v in weighting_vars], grads)
 
 
@@ -276,6 +302,16 @@ def _decide(model, plan, result):
     return decision._replace(step_ok=step_ok)
 
 
+def _after_update(model, plan, batch, task_losses, ok):
+    """An `AfterUpdateHook` sees the batch's losses after a taken step."""
+
+    def hook():
+        new_losses = _global_losses(phases.inference_losses(model, plan, batch))
+        plan.weighting.after_update(_global_losses(task_losses), new_losses)
+
+    ops.cond(ok, hook, lambda: None)
+
+
 def train_step(model, data):
     plan, batch = phases.begin(model, data)
     saved = _save(plan, model)
@@ -283,6 +319,8 @@ def train_step(model, data):
     result = step(model, plan, batch)
     decision = _decide(model, plan, result)
     _apply_if(decision.step_ok, model.optimizer, result.grads, model.trainable_variables)
+    if plan.needs_losses_after_update:
+        _after_update(model, plan, batch, result.task_losses, decision.step_ok)
     if plan.on_nonfinite == "raise":
         plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
     total = result.losses.total * _replicas()  # Keras pre-scales each replica's loss by 1/R

@@ -172,7 +172,9 @@ def _jacobian_z(plan, optimizer, losses, copies):
 
 
 def _gram(plan, model, z, jac_z, losses32, world):
-    """The global Gram matrix and losses."""
+    """The global losses, Gram matrix, and the per-task gradients in the
+    weighting's space for an aggregator (None otherwise)."""
+    spaces = [jac_z] if plan.aggregates else None
     if plan.in_parameters:
         # dL_t/dW = (dZ/dW)^T G_t, all tasks in one batched backward.
         encoder_values = [v.value for v in plan.split.encoder.trainable_variables]
@@ -184,6 +186,8 @@ def _gram(plan, model, z, jac_z, losses32, world):
         )
         losses32, flat_w = all_reduce_mean([losses32, flat_w], world)
         jacobians = [flat_w]
+        if plan.aggregates:
+            spaces = all_reduce_mean(jac_w, world) if jac_w else []
     else:
         jacobians = [jac_z]
     loss_scale = model.optimizer.scale_loss(torch.ones((), dtype=torch.float32))
@@ -193,7 +197,25 @@ def _gram(plan, model, z, jac_z, losses32, world):
         # gradients of the mean of the processes' losses.
         losses32, gram = all_reduce_mean([losses32, gram], world)
         gram = gram / world
-    return losses32, gram
+    return losses32, gram, spaces
+
+
+def _aggregate(plan, spaces, losses32, gram):
+    """A `GradientAggregator`'s directions, its weights, host copies of
+    losses, Gram matrix and weights, and the head weights on the host."""
+    directions, weights, head_weights = phases.aggregate(plan, spaces, losses32, gram, ops=torch_ops)
+    weights = torch_ops.convert_to_tensor(weights).detach()
+    head_weights = torch_ops.convert_to_tensor(head_weights)
+    *host, host_head = _to_host(losses32, gram, weights, head_weights)
+    return [d.detach() for d in directions], weights, tuple(host), host_head
+
+
+def _add_to_grads(tensors, directions):
+    """Adds an aggregator's shared-weight directions to the `.grad` of the
+    encoder's weights (parameters mode)."""
+    with torch.no_grad():
+        for value, direction in zip(tensors, directions, strict=True):
+            value.grad = direction.to(value.dtype) if value.grad is None else value.grad + direction
 
 
 def _weigh(plan, losses32, gram):
@@ -245,9 +267,15 @@ def _gram_step(model, plan, batch, tensors, world):
     losses = phases.compute_losses(model, plan, batch, y_pred)
     jac_z = _jacobian_z(plan, optimizer, losses, copies)
     losses32 = torch.stack(losses.tasks).detach().float()
-    losses32, gram = _gram(plan, model, z, jac_z, losses32, world)
-    weights, host, head_weights = _weigh(plan, losses32, gram)
-    targets, gradients = [z], [phases.combine(weights, jac_z, ops=torch_ops)]
+    losses32, gram, spaces = _gram(plan, model, z, jac_z, losses32, world)
+    directions = None
+    if plan.aggregates:
+        directions, weights, host, head_weights = _aggregate(plan, spaces, losses32, gram)
+        cotangent = None if plan.in_parameters else directions[0]
+    else:
+        weights, host, head_weights = _weigh(plan, losses32, gram)
+        cotangent = phases.combine(weights, jac_z, ops=torch_ops)
+    targets, gradients = ([], []) if cotangent is None else ([z], [cotangent])
     if plan.separable:
         _scale_heads(plan, tensors, head_weights)
     else:
@@ -260,6 +288,8 @@ def _gram_step(model, plan, batch, tensors, world):
             targets.append(optimizer.scale_loss(value))
             gradients.append(torch.ones_like(targets[-1]))
     _backward(targets, gradients)
+    if cotangent is None:  # an aggregator's shared-weight gradients
+        _add_to_grads(tensors.of("encoder", plan.split.encoder.trainable_variables), directions)
     return _Result(y_pred, losses, host, weights)
 
 
@@ -306,6 +336,12 @@ def _take_step(model, plan, batch, tensors):
         return False
     with torch.no_grad():
         model.optimizer.apply(grads, trainable)
+        if plan.needs_losses_after_update:
+            new_losses = phases.inference_losses(model, plan, batch)
+            if world > 1:
+                (new_losses,) = all_reduce_mean([new_losses], world)
+            constants = torch.from_numpy(np.asarray(result.host[0], np.float32))
+            plan.weighting.after_update(constants.to(new_losses.device), new_losses)
     weights = result.weights.detach()
     phases.update_metrics(
         model, plan, batch, result.y_pred, result.losses.total, weights, bool(decision.logged_ok)

@@ -28,12 +28,14 @@ __all__ = [
     "Decision",
     "Losses",
     "add_gradients",
+    "aggregate",
     "begin",
     "combine",
     "compute_losses",
     "decide",
     "gradients_finite",
     "gram",
+    "inference_losses",
     "loss_objective",
     "nonfinite_error",
     "task_weights",
@@ -131,6 +133,37 @@ def task_weights(plan, losses, gram_matrix, *, ops=None):
         return one, one
     weights = weighting(losses, gram_matrix, ops=ops)
     return weights, call_with_ops(weighting.head_weights, weights, ops=ops)
+
+
+def aggregate(plan, gradients, losses, gram_matrix, *, ops=None):
+    """A `GradientAggregator`'s update directions and task weights.
+
+    Args:
+        plan: the `StepPlan`.
+        gradients: list of (T, ...) per-task gradients.
+        losses: float32 (T,) losses, constants.
+        gram_matrix: float32 (T, T).
+        ops: None, or the array namespace to pass on.
+
+    Returns:
+        `(directions, weights, head_weights)`.
+    """
+    weighting = plan.weighting
+    directions, weights = call_with_ops(weighting.aggregate, gradients, losses, gram_matrix, ops=ops)
+    return directions, weights, call_with_ops(weighting.head_weights, weights, ops=ops)
+
+
+def inference_losses(model, plan, batch):
+    """The (T,) float32 task losses of the batch in inference mode, without
+    touching any metric (the compiled loss's trackers are put back): what
+    an `AfterUpdateHook` sees after the update."""
+    trackers = [v for m in _keras.compile_loss_trackers(model) for v in m.variables]
+    saved = [keras.ops.copy(v.value) for v in trackers]
+    y_pred = model(batch.x, training=False)
+    losses = compute_losses(model, plan, batch, y_pred)
+    for v, old in zip(trackers, saved, strict=True):
+        v.assign(old)
+    return keras.ops.cast(keras.ops.stack(losses.tasks), "float32")
 
 
 def weighting_loss(plan, losses, gram_matrix):

@@ -82,6 +82,18 @@ class StepPlan:
         return self.num_tasks > 1 and self.weighting.requires_gram
 
     @property
+    def aggregates(self):
+        """Whether the weighting acts on the per-task gradients themselves
+        (`GradientAggregator`) rather than weighting them."""
+        return self.needs_gram and getattr(self.weighting, "aggregates_gradients", False)
+
+    @property
+    def needs_losses_after_update(self):
+        """Whether the weighting learns from the losses after the update
+        (`AfterUpdateHook`)."""
+        return self.num_tasks > 1 and getattr(self.weighting, "needs_losses_after_update", False)
+
+    @property
     def in_parameters(self):
         """Whether the per-task gradients are taken with respect to the
         shared weights (exact MGDA) rather than Z."""

@@ -8,6 +8,8 @@ from keras_mgda.weighting.base import get
 from keras_mgda.weighting.cagrad import CAGrad
 from keras_mgda.weighting.dtp import DTP
 from keras_mgda.weighting.dwa import DWA
+from keras_mgda.weighting.extensions import AfterUpdateHook
+from keras_mgda.weighting.extensions import GradientAggregator
 from keras_mgda.weighting.gradnorm import GradNorm
 from keras_mgda.weighting.imtl import IMTLG
 from keras_mgda.weighting.lbtw import LBTW
@@ -20,6 +22,8 @@ from keras_mgda.weighting.uniform import Uniform
 from keras_mgda.weighting.upgrad import UPGrad
 
 __all__ = [
+    "AfterUpdateHook",
+    "GradientAggregator",
     "AlignedMTL",
     "by_name",
     "CAGrad",

@@ -95,6 +95,8 @@ class GradientWeighting(Weighting):
         **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
     """
 
+    base_class = True  # not a method: left out of `by_name`
+
     requires_gram = True
 
     def __init__(self, mode="representation", head_update="full", **kwargs):

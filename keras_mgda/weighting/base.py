@@ -100,6 +100,7 @@ class Weighting(keras.layers.Layer):
     requires_gram = False
     gradient_space = "representation"
     host_solvable = False
+    base_class = True  # not a method: left out of `by_name`
 
     def __init__(self, **kwargs):
         # Weights, Gram matrices and state stay float32 under mixed precision.
@@ -336,7 +337,7 @@ def by_name():
         for name, value in vars(package).items()
         if isinstance(value, type)
         and issubclass(value, Weighting)
-        and value is not Weighting
+        and not vars(value).get("base_class", False)
         and not name.startswith("_")
     }
 
