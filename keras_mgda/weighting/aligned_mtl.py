@@ -122,5 +122,6 @@ def balance_transformation(gram, scale_mode="min", *, ops=keras.ops):
         scale = ops.sum(ops.where(kept, values, 0.0)) / ops.cast(ops.maximum(rank, 1), dtype)
     scale = ops.where(rank > 0, scale, 1.0)
     inverse_roots = ops.where(kept, 1.0 / ops.sqrt(safe), 0.0)
-    balance = ops.sqrt(scale) * ops.matmul(vectors * inverse_roots[None, :], ops.transpose(vectors))
+    # einsum, not ops.matmul: Keras's torch matmul computes float64 in float32.
+    balance = ops.sqrt(scale) * ops.einsum("ik,jk->ij", vectors * inverse_roots[None, :], vectors)
     return ops.where(rank > 0, balance, ops.eye(num_tasks, dtype=dtype))

@@ -27,9 +27,12 @@ ROUNDS = 4
 SPAN = 40.0
 BISECTIONS = 30
 # The largest ratio kappa = sum_i w_i |g_i| / |g_w| (cancellation among the
-# dual gradients) for which the update is put exactly on the ball. float32
-# resolves |g_w| only to ~sqrt(eps) sum_i w_i |g_i|, so beyond ~1/sqrt(eps)
-# it is noise (the origin in the hull); regular problems measure kappa < 6.
+# dual gradients) for which the update is put exactly on the ball: the
+# precision resolves |g_w| only to ~sqrt(eps) sum_i w_i |g_i|, so beyond
+# ~1/sqrt(eps) it is noise (the origin in the hull); regular problems
+# measure kappa < 6. CANCELLATION_ERROR / sqrt(eps) keeps that noise at ~1%
+# of the radius: 32 in float32 (at least), 6.7e5 in float64.
+CANCELLATION_ERROR = 0.01
 CANCELLATION = 32.0
 
 
@@ -58,12 +61,16 @@ class CAGrad(GradientWeighting):
     1/1600 of an octave) and w is interpolated along the solution path,
     which is exact within one active set (worst measured optimality
     residuals ~1e-6). Where the dual gradients cancel, so that
-    sum_i w_i ||g_i|| exceeds 32 ||g_w|| (regular problems measure below 6;
-    float32 resolves ||g_w|| only to ~3e-4 sum_i w_i ||g_i||), typically
+    sum_i w_i ||g_i|| exceeds kappa ||g_w|| (regular problems measure below
+    6; float32 resolves ||g_w|| only to ~3e-4 sum_i w_i ||g_i||), typically
     because the origin is in the hull of the gradients (g_w can be 0 and the
     dual has no regular solution), the coefficient is capped at
-    32 sqrt(phi) / sum_i w_i ||g_i||: the update stays inside the ball (to
-    ~1% of its radius) and the weights stay moderate.
+    kappa sqrt(phi) / sum_i w_i ||g_i|| (kappa = 32 in float32, 0.01 /
+    sqrt(eps) = 6.7e5 in float64): the update stays inside the ball (to
+    ~1% of its radius) and the weights stay bounded. Where the dual has
+    no regular solution at all, g0 projected onto the dual cone of the
+    gradients is used when it improves the worst task more (see
+    `dual_cone_candidate`).
 
     As in the authors' code, the weights are scaled to the sum of the losses
     (multiplied by T: with c = 0 every weight is 1) and then divided by
@@ -145,8 +152,8 @@ def dual_cone_candidate(gram, c, *, ops=keras.ops):
     mean = ops.full((num_tasks,), 1.0 / num_tasks, dtype=gram.dtype)
     projected = project_onto_dual_cone(gram, mean[None, :], ops=ops)[0]
     offset = projected - mean
-    distance2 = ops.sum(offset * ops.matmul(gram, offset))
-    radius2 = c * c * ops.sum(mean * ops.matmul(gram, mean))
+    distance2 = nx.dot(offset, nx.matvec(gram, offset, ops=ops), ops=ops)
+    radius2 = c * c * nx.dot(mean, nx.matvec(gram, mean, ops=ops), ops=ops)
     inside = distance2 <= radius2
     shrink = ops.sqrt(radius2 / ops.where(inside, 1.0, distance2))
     return mean + ops.where(inside, 1.0, shrink) * offset
@@ -155,7 +162,7 @@ def dual_cone_candidate(gram, c, *, ops=keras.ops):
 def _better_update(gram, mask, first, second, *, ops):
     """Of two updates inside the ball, the one whose worst task improves
     most, min_i (M x)_i over the tasks that take part (ties: `first`)."""
-    worst = [ops.min(ops.where(mask, ops.matmul(gram, x), np.inf)) for x in (first, second)]
+    worst = [ops.min(ops.where(mask, nx.matvec(gram, x, ops=ops), np.inf)) for x in (first, second)]
     return ops.where(worst[1] > worst[0], second, first)
 
 
@@ -197,8 +204,11 @@ class _DualPath:
         self.gram, self.mask, self.ops = gram, mask, ops
         self.zero = nx.const(0.0, gram, ops=ops)
         self.two = nx.const(2.0, gram, ops=ops)
-        self.mean = ops.mean(gram, axis=-1)  # g_i . g0
-        self.g0_norm2 = nx.maximum(ops.mean(self.mean), self.zero, ops=ops)
+        # Sums, not ops.mean or ops.matmul here and below: Keras's torch
+        # backend computes those in float32 for float64 input.
+        num_tasks = gram.shape[-1]
+        self.mean = ops.sum(gram, axis=-1) / num_tasks  # g_i . g0
+        self.g0_norm2 = nx.maximum(ops.sum(self.mean) / num_tasks, self.zero, ops=ops)
         self.radius = c * ops.sqrt(self.g0_norm2)
         largest = ops.sqrt(ops.max(ops.where(mask, ops.diagonal(gram), 0.0)))
         # t ||g_w(t)|| <= t max_i ||g_i||, so the root is at least radius / largest.
@@ -209,7 +219,7 @@ class _DualPath:
     def norm_of(self, weights):
         """|g_w| for (..., T) weights."""
         ops = self.ops
-        squared = ops.sum(weights * ops.matmul(weights, self.gram), axis=-1)
+        squared = nx.dot(weights, nx.matvec(self.gram, weights, ops=ops), ops=ops)
         return ops.sqrt(nx.maximum(squared, self.zero, ops=ops))
 
     def solve(self, exponents):
@@ -271,10 +281,13 @@ class _DualPath:
         inverse_low = ops.power(self.two, -low.exponent)
         inverse_step = ops.power(self.two, -high.exponent) - inverse_low
         step = high.weights - low.weights
+        def form(a, b):
+            return nx.dot(a, nx.matvec(gram, b, ops=ops), ops=ops)
+
         quadratic = [
-            ops.sum(low.weights * ops.matmul(gram, low.weights)) - radius2 * inverse_low**2,
-            2.0 * (ops.sum(low.weights * ops.matmul(gram, step)) - radius2 * inverse_low * inverse_step),
-            ops.sum(step * ops.matmul(gram, step)) - radius2 * inverse_step**2,
+            form(low.weights, low.weights) - radius2 * inverse_low**2,
+            2.0 * (form(low.weights, step) - radius2 * inverse_low * inverse_step),
+            form(step, step) - radius2 * inverse_step**2,
         ]
 
         def bisect(_, interval):
@@ -290,13 +303,14 @@ class _DualPath:
 
     def capped(self, coefficient, weights):
         """The coefficient with the cancellation capped: coefficient *
-        sum_i w_i |g_i| <= CANCELLATION * radius, so the float32 error of
-        |g_w| moves the update by at most ~CANCELLATION sqrt(eps) ~ 1% of
+        sum_i w_i |g_i| <= kappa * radius (kappa: see CANCELLATION), so the
+        rounding error of |g_w| moves the update by at most ~1% of
         the radius (a smaller coefficient stays inside the ball); 0 where
         the radius or every gradient is 0."""
         ops = self.ops
         norms = ops.sqrt(nx.maximum(ops.diagonal(self.gram), self.zero, ops=ops))
         spread = ops.sum(weights * norms)
-        cap = CANCELLATION * self.radius / ops.where(spread > 0, spread, 1.0)
+        cancellation = max(CANCELLATION, CANCELLATION_ERROR / np.sqrt(nx.eps(nx.float_dtype(self.gram))))
+        cap = cancellation * self.radius / ops.where(spread > 0, spread, 1.0)
         coefficient = ops.where(spread > 0, nx.minimum(coefficient, cap, ops=ops), coefficient)
         return ops.where(self.positive, coefficient, 0.0)

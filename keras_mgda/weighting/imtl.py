@@ -3,6 +3,7 @@ multi-task learning, in closed form on the Gram matrix."""
 
 import keras
 
+from keras_mgda import numerics as nx
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
 
@@ -97,7 +98,8 @@ def impartial_weights(gram):
     rhs = ops.concatenate([ops.zeros((num_tasks,), dtype=dtype), ops.reshape(smallest, (1,))])
     solution = ops.solve(ridged, rhs)
     for _ in range(REFINEMENTS):
-        residual = rhs - ops.matmul(exact, solution)
+        # matvec, not ops.matmul: Keras's torch matmul computes float64 in float32.
+        residual = rhs - nx.matvec(exact, solution, ops=ops)
         solution = solution + ops.solve(ridged, residual)
     alpha = active_f * solution[:num_tasks] / norms
     # The common projection c = g . u_t can come out negative (rarely; the

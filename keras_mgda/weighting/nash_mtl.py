@@ -142,10 +142,11 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
     steps = ops.power(gram.const(0.5), ops.arange(LINE_SEARCH_STEPS, dtype=dtype))
 
     def objective(b):  # (..., T) -> (...)
-        return 0.5 * ops.sum(b * ops.matmul(b, corr), axis=-1) - ops.sum(ops.log(b), axis=-1)
+        return 0.5 * nx.dot(b, nx.matvec(corr, b, ops=ops), ops=ops) - ops.sum(ops.log(b), axis=-1)
 
     def newton(beta):
-        grad = ops.matmul(corr, beta) - 1.0 / beta
+        # matvec, not ops.matmul: Keras's torch matmul computes float64 in float32.
+        grad = nx.matvec(corr, beta, ops=ops) - 1.0 / beta
         hessian = corr + ops.diag(1.0 / ops.square(beta))
         direction = -ops.solve(hessian, grad)
         decrement = -ops.sum(grad * direction)
@@ -154,7 +155,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
     def cond(beta, decrement, previous):
         # Stop at convergence, or when rounding noise stalls the quadratic
         # convergence of the decrement.
-        noise = eps * ops.sum(ops.matmul(abs_corr, beta) * beta + 1.0)
+        noise = eps * ops.sum(nx.matvec(abs_corr, beta, ops=ops) * beta + 1.0)
         stalled = (previous < 1e-4) & (decrement > 0.25 * previous)
         return (decrement > eps * noise) & ~stalled
 

@@ -68,7 +68,8 @@ class UPGrad(GradientWeighting):
         lower = ops.eye(gram.num_tasks, dtype=gram.dtype)
         max_rounds = None if self.max_rounds is None else int(self.max_rounds)
         projected = project_onto_dual_cone(gram.unit, lower, max_rounds, ops=ops)
-        return gram.finish(ops.mean(projected, axis=0))
+        # A sum, not ops.mean: Keras's torch mean computes float64 in float32.
+        return gram.finish(ops.sum(projected, axis=0) / gram.num_tasks)
 
     def get_config(self):
         config = super().get_config()
