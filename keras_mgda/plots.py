@@ -162,12 +162,7 @@ def accuracy_profile(
     figure.savefig("multi_mnist_profile.png", dpi=150)
     ```
     """
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "keras_mgda.plots needs matplotlib: pip install 'keras-mgda[plots]'."
-        ) from error
+    plt = _pyplot()
     if len(tasks) != 2:
         raise ValueError(f"accuracy_profile plots two tasks; received tasks={tasks!r}.")
     summary = summarize(results, tasks, selection)
@@ -176,11 +171,34 @@ def accuracy_profile(
             f"No run has {tasks[0]!r} and {tasks[1]!r} accuracies for selection "
             f"{selection!r}; pass the benchmark's runs."
         )
-    scale = 100.0 if percent else 1.0
     if ax is None:
         figure, ax = plt.subplots(figsize=(6, 5))
     else:
         figure = ax.figure
+    _draw_summary(ax, summary, 100.0 if percent else 1.0)
+    _draw_references(ax, references or {})
+    unit = " (%)" if percent else ""
+    which = "best validation epoch" if selection == "honest" else "best test epoch (authors' selection)"
+    ax.set_xlabel(f"{tasks[0]} accuracy{unit}")
+    ax.set_ylabel(f"{tasks[1]} accuracy{unit}")
+    ax.set_title(title if title is not None else f"Accuracy profile, {which}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return figure
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "keras_mgda.plots needs matplotlib: pip install 'keras-mgda[plots]'."
+        ) from error
+    return plt
+
+
+def _draw_summary(ax, summary, scale):
+    """The grid curve, one marker per method, the single-task star."""
 
     def errorbar(entries, **style):
         x = [scale * entry["mean"][0] for entry in entries]
@@ -203,21 +221,16 @@ def accuracy_profile(
             [summary[SINGLE_TASK]], fmt="*", markersize=14, color="black",
             label=METHOD_LABELS[SINGLE_TASK],
         )
-    for label, (x, y) in (references or {}).items():
-        # Published points are few and may share a legend colour: name each
-        # beside its marker as well.
+
+
+def _draw_references(ax, references):
+    """Published points as hollow grey markers, each named beside it (they
+    are few and may share a legend colour)."""
+    for label, (x, y) in references.items():
         ax.plot([x], [y], linestyle="none", marker="o", markerfacecolor="none",
                 markeredgecolor="0.4", markersize=8, label=label)
         ax.annotate(label, (x, y), xytext=(5, 5), textcoords="offset points",
                     fontsize="x-small", color="0.3")
-    unit = " (%)" if percent else ""
-    which = "best validation epoch" if selection == "honest" else "best test epoch (authors' selection)"
-    ax.set_xlabel(f"{tasks[0]} accuracy{unit}")
-    ax.set_ylabel(f"{tasks[1]} accuracy{unit}")
-    ax.set_title(title if title is not None else f"Accuracy profile, {which}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    return figure
 
 
 def _method_order(method):
