@@ -14,6 +14,7 @@ Usage:
     KERAS_BACKEND=tensorflow python benchmarks/step_time.py --tasks 2 40
     python benchmarks/step_time.py --method uniform pcgrad --tasks 2 --repeats 7
     python benchmarks/step_time.py --method all --tasks 2 40 --output out/methods.jsonl
+    python benchmarks/step_time.py --model celeba --tasks 40 --batch-size 32 --method mgda mgda-parameters
 """
 
 import argparse
@@ -58,8 +59,33 @@ def lenet(num_tasks, model_class=keras.Model, **kwargs):
     return model_class(x, outputs, **kwargs)
 
 
-def _compile(model, num_tasks, jit_compile):
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+def celeba(num_tasks, model_class=keras.Model, width=64, **kwargs):
+    """The authors' CelebA ResNet-18 (64x64 images) with `num_tasks` linear
+    heads (one logit each)."""
+    attributes = [f"task_{t}" for t in range(num_tasks)]
+    if model_class is keras.Model:
+        model = km.models.celeba_resnet18(km.weighting.Uniform(), attributes=attributes, width=width)
+        return keras.Model(model.inputs, model.outputs)
+    return km.models.celeba_resnet18(kwargs.pop("weighting"), attributes=attributes, width=width, **kwargs)
+
+
+MODELS = {"lenet": lenet, "celeba": celeba}
+
+
+def _data(model_name, num_tasks, n, rng):
+    if model_name == "celeba":
+        x = rng.normal(size=(n, 64, 64, 3)).astype("float32")
+        y = {f"task_{t}": rng.integers(0, 2, size=(n, 1)).astype("float32") for t in range(num_tasks)}
+        return x, y
+    x = rng.normal(size=(n, 28, 28, 1)).astype("float32")
+    return x, {f"task_{t}": rng.integers(0, 10, size=(n,)).astype("int32") for t in range(num_tasks)}
+
+
+def _compile(model, num_tasks, jit_compile, model_name="lenet"):
+    if model_name == "celeba":
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(
         optimizer=keras.optimizers.SGD(1e-2, momentum=0.9),
         loss={f"task_{t}": loss for t in range(num_tasks)},
@@ -73,16 +99,16 @@ def _epoch_time(model, x, y, batch_size):
     return time.perf_counter() - start
 
 
-def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0, on_nonfinite="raise"):
+def measure(
+    num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0, on_nonfinite="raise", model_name="lenet"
+):
     """Returns best-of-`repeats` seconds per step for plain Keras and for the
     weighting, and their ratio."""
     rng = np.random.default_rng(seed)
-    n = steps * batch_size
-    x = rng.normal(size=(n, 28, 28, 1)).astype("float32")
-    y = {f"task_{t}": rng.integers(0, 10, size=(n,)).astype("int32") for t in range(num_tasks)}
-
-    plain = lenet(num_tasks)
-    ours = lenet(
+    x, y = _data(model_name, num_tasks, steps * batch_size, rng)
+    build = MODELS[model_name]
+    plain = build(num_tasks)
+    ours = build(
         num_tasks,
         km.MultiTaskModel,
         weighting=make_weighting(method, num_tasks),
@@ -91,7 +117,7 @@ def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0, 
     ours.set_weights(plain.get_weights())
     first = {}
     for name, model in (("keras", plain), (method, ours)):
-        _compile(model, num_tasks, jit_compile)
+        _compile(model, num_tasks, jit_compile, model_name)
         warm_up = {k: v[: 2 * batch_size] for k, v in y.items()}
         first[name] = _epoch_time(model, x[: 2 * batch_size], warm_up, batch_size)
 
@@ -104,6 +130,7 @@ def measure(num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0, 
     compile_ours = first[method] - 2 * best_ours
     return {
         "backend": keras.backend.backend(),
+        "model": model_name,
         "method": method,
         "tasks": num_tasks,
         "batch_size": batch_size,
@@ -135,6 +162,10 @@ def main():
         "--on-nonfinite", default="raise", choices=["raise", "skip"],
         help="the model's policy for NaN/Inf steps (raise, the default, checks every step on the host on JAX)",
     )
+    parser.add_argument(
+        "--model", default="lenet", choices=sorted(MODELS),
+        help="the MultiMNIST LeNet (default) or the CelebA ResNet-18 (64x64 images)",
+    )
     parser.add_argument("--output", help="append JSON lines here")
     args = parser.parse_args()
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
@@ -143,7 +174,7 @@ def main():
         for num_tasks in args.tasks:
             result = measure(
                 num_tasks, method, args.steps, args.batch_size, args.repeats, jit,
-                on_nonfinite=args.on_nonfinite,
+                on_nonfinite=args.on_nonfinite, model_name=args.model,
             )
             line = json.dumps(result)
             print(line, flush=True)
