@@ -8,7 +8,12 @@ names what it needs and fails with a clear message when a Keras release
 moves it. Written against Keras 3.10 and later; tested with Keras 3.15.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import keras
+
+from keras_mgda.types import Tensor
 
 __all__ = [
     "additional_loss",
@@ -45,18 +50,18 @@ def _attribute(owner, name, what=None):
         raise _missing(what or f"`{type(owner).__name__}.{name}`") from None
 
 
-def flat_losses(compile_loss):
+def flat_losses(compile_loss: Any) -> list[Any]:
     """`CompileLoss._flat_losses`: a list of (path, loss, weight, name)
     named tuples, one per output compiled with a loss (Keras 3.7+)."""
     return _attribute(compile_loss, "_flat_losses", "`CompileLoss._flat_losses`")
 
 
-def compile_loss(model):
+def compile_loss(model: keras.Model) -> Any:
     """The model's `CompileLoss`, or None when compiled without a loss."""
     return _attribute(model, "_compile_loss")
 
 
-def compile_loss_trackers(model):
+def compile_loss_trackers(model: keras.Model) -> list[keras.metrics.Metric]:
     """The `<output>_loss` metrics that Keras's compiled loss updates."""
     compile_loss = _attribute(model, "_compile_loss")
     if compile_loss is None:
@@ -64,23 +69,23 @@ def compile_loss_trackers(model):
     return [m for m in getattr(compile_loss, "metrics", []) if m is not None]
 
 
-def compile_metrics(model):
+def compile_metrics(model: keras.Model) -> Any:
     """The model's `CompileMetrics`, or None."""
     return _attribute(model, "_compile_metrics")
 
 
-def loss_tracker(model):
+def loss_tracker(model: keras.Model) -> keras.metrics.Mean:
     """The `Mean` metric that logs the total loss as `loss`."""
     return _attribute(model, "_loss_tracker")
 
 
-def compute_loss(model, x, y, y_pred, sample_weight):
+def compute_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> Tensor:
     """`model.compute_loss` as Keras's own train steps call it (training)."""
     method = _attribute(model, "_compute_loss")
     return method(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
 
 
-def additional_loss(model):
+def additional_loss(model: keras.Model) -> Tensor | None:
     """The sum of the model's `add_loss` and regularisation terms, or None."""
     aggregate = _attribute(model, "_aggregate_additional_loss")
     extra = [aggregate(loss) for loss in model.losses]
@@ -89,17 +94,17 @@ def additional_loss(model):
     return keras.ops.sum(keras.ops.stack(extra))
 
 
-def outputs_struct(model):
+def outputs_struct(model: keras.Model) -> Any:
     """The functional model's outputs, in the structure it was built with."""
     return _attribute(model, "_outputs_struct")
 
 
-def inputs_struct(model):
+def inputs_struct(model: keras.Model) -> Any:
     """The functional model's inputs, in the structure it was built with."""
     return _attribute(model, "_inputs_struct")
 
 
-def symbolic_build(model, data_batch):
+def symbolic_build(model: keras.Model, data_batch: Any) -> None:
     """Builds the compiled loss and metrics from one batch, as `fit` does."""
     return _attribute(model, "_symbolic_build")(data_batch=data_batch)
 
@@ -115,7 +120,7 @@ def _training_call(operation):
     return call
 
 
-def run_through_graph(functional, inputs):
+def run_through_graph(functional: keras.Model, inputs: Any) -> Any:
     """`functional(inputs, training=True)` through its graph directly: the
     functional model's own `__call__` (input checks, scopes) costs about
     0.4 ms per call in eager torch, more than a small head's layers."""
@@ -125,7 +130,7 @@ def run_through_graph(functional, inputs):
     return run(inputs, operation_fn=_training_call)
 
 
-def set_jax_state(model, state):
+def set_jax_state(model: keras.Model, state: tuple[Any, Any, Any, Any]) -> None:
     """Writes a JAX train function's `(trainable, non_trainable, optimizer,
     metrics)` state back onto the model's variables: during `fit` Keras
     keeps them detached (even purged) until the epoch ends."""
@@ -140,7 +145,7 @@ def set_jax_state(model, state):
     _attribute(model, "jax_state_sync")()
 
 
-def torch_core_functions():
+def torch_core_functions() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     """Keras's torch backend's `get_device()` (the device it puts new
     tensors on) and `to_torch_dtype(name)`."""
     from keras.src.backend.torch import core

@@ -29,6 +29,8 @@ over leading axes, so it runs under `tf.function`, XLA and `jax.jit`.
 import numpy as np
 
 from keras_mgda import numerics as nx
+from keras_mgda.types import Ops
+from keras_mgda.types import Tensor
 
 __all__ = ["JOIN_NOISE", "active_set_qp"]
 
@@ -166,7 +168,17 @@ def _round(problem, state):
     )
 
 
-def active_set_qp(gram, lower, start, free=None, mask=None, *, simplex, max_rounds, ops):
+def active_set_qp(
+    gram: Tensor,
+    lower: Tensor,
+    start: Tensor,
+    free: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    simplex: bool,
+    max_rounds: int,
+    ops: Ops,
+) -> Tensor:
     """Solves min w^T M w over {w >= lower} (and sum(w) = 1 if `simplex`).
 
     Args:

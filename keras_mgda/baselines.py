@@ -2,6 +2,11 @@
 weights on the simplex, and single-task models with the same trunk."""
 
 import itertools
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 
@@ -15,7 +20,7 @@ __all__ = [
 ]
 
 
-def simplex_grid(num_tasks, steps):
+def simplex_grid(num_tasks: int, steps: int) -> list[tuple[float, ...]]:
     """Every weight vector on the simplex whose entries are multiples of
     1/steps.
 
@@ -49,17 +54,17 @@ def simplex_grid(num_tasks, steps):
 
 
 def grid_search(
-    build_model,
-    compile_kwargs,
-    x=None,
-    y=None,
+    build_model: Callable[[Static | None], keras.Model],
+    compile_kwargs: Mapping[str, Any] | Callable[[], dict[str, Any]],
+    x: Any = None,
+    y: Any = None,
     *,
-    num_tasks=None,
-    steps=4,
-    grid=None,
-    validation_data=None,
-    **fit_kwargs,
-):
+    num_tasks: int | None = None,
+    steps: int = 4,
+    grid: Iterable[Sequence[float] | dict[str, float]] | None = None,
+    validation_data: Any = None,
+    **fit_kwargs: Any,
+) -> list[dict[str, Any]]:
     """Trains one model per static weight vector and reports each.
 
     The paper's "grid search" baseline: a `MultiTaskModel` with
@@ -129,7 +134,7 @@ def _evaluate(model, validation_data):
     return model.evaluate(validation_data, verbose=0, return_dict=True)
 
 
-def single_task_model(model, task):
+def single_task_model(model: keras.Model, task: str) -> keras.Model:
     """A fresh model with the same trunk and only `task`'s head.
 
     The paper's "single task" baseline: the same architecture with one
@@ -159,7 +164,7 @@ def single_task_model(model, task):
     return keras.Model(clone.inputs, {task: clone.outputs[0]}, name=f"{task}_single_task")
 
 
-def single_task_models(model):
+def single_task_models(model: keras.Model) -> dict[str, keras.Model]:
     """`single_task_model` for every output of `model`.
 
     Args:

@@ -8,6 +8,8 @@ depends on Z and on nothing else from the inputs, so the heads can be run on
 Z alone and the per-task gradients with respect to Z tell the whole story.
 """
 
+from collections.abc import Sequence
+
 import keras
 
 __all__ = [
@@ -79,7 +81,9 @@ def _topological_order(predecessors):
     return order
 
 
-def find_shared_representation(inputs, outputs):
+def find_shared_representation(
+    inputs: Sequence[keras.KerasTensor], outputs: Sequence[keras.KerasTensor]
+) -> keras.KerasTensor:
     """Finds the deepest tensor that every output depends on.
 
     Uses the Cooper-Harvey-Kennedy dominator intersection, which on a DAG
@@ -141,7 +145,9 @@ def find_shared_representation(inputs, outputs):
     return tensors[shared]
 
 
-def resolve_shared(model, shared):
+def resolve_shared(
+    model: keras.Model, shared: str | keras.layers.Layer | keras.KerasTensor | None
+) -> keras.KerasTensor:
     """Returns the tensor Z named by `shared`, or found automatically.
 
     Args:
@@ -198,7 +204,7 @@ def _operations_above(tensors, stop_id=None):
     return operations, reached_input
 
 
-def split_at(model, shared_tensor):
+def split_at(model: keras.Model, shared_tensor: keras.KerasTensor) -> tuple[keras.Model, keras.Model]:
     """Splits a functional model into encoder (inputs -> Z) and heads
     (Z -> outputs), sharing the model's layers and weights.
 
@@ -239,7 +245,7 @@ def split_at(model, shared_tensor):
     return encoder, heads
 
 
-def output_heads(shared_tensor, outputs):
+def output_heads(shared_tensor: keras.KerasTensor, outputs: Sequence[keras.KerasTensor]) -> list[keras.Model]:
     """One functional sub-model from Z to each output.
 
     Args:
@@ -279,7 +285,9 @@ def _connected_components(owners):
     return list(members.values())
 
 
-def head_groups(heads, shared_tensor, outputs):
+def head_groups(
+    heads: Sequence[keras.Model], shared_tensor: keras.KerasTensor, outputs: Sequence[keras.KerasTensor]
+) -> list[tuple[list[int], keras.Model]]:
     """The outputs grouped so that no two groups' heads share a layer or a
     variable.
 

@@ -17,9 +17,16 @@ batches (`evaluate` reports the value over the whole data set).
 """
 
 import math
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import SupportsFloat
 
 import keras
 from keras import ops
+
+from keras_mgda.types import ArrayLike
+from keras_mgda.types import Tensor
 
 __all__ = [
     "BinaryErrorRate",
@@ -65,7 +72,9 @@ class SegmentationMeanIoU(keras.metrics.Metric):
     ```
     """
 
-    def __init__(self, num_classes, ignore_class=255, name="mean_iou", dtype=None):
+    def __init__(
+        self, num_classes: int, ignore_class: int | None = 255, name: str = "mean_iou", dtype: str | None = None
+    ) -> None:
         super().__init__(name=name, dtype=dtype)
         self.num_classes = int(num_classes)
         self.ignore_class = None if ignore_class is None else int(ignore_class)
@@ -76,7 +85,7 @@ class SegmentationMeanIoU(keras.metrics.Metric):
             name="confusion",
         )
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
+    def update_state(self, y_true: ArrayLike, y_pred: ArrayLike, sample_weight: ArrayLike | None = None) -> None:
         """Adds a batch: `y_true` int (B, H, W) or (B, H, W, 1); `y_pred`
         scores (B, H, W, C) (logits or probabilities) or int class ids of
         `y_true`'s shape."""
@@ -106,7 +115,7 @@ class SegmentationMeanIoU(keras.metrics.Metric):
         counts = ops.segment_sum(weights, index, num_segments=self.num_classes**2)
         self.confusion.assign_add(ops.reshape(counts, (self.num_classes, self.num_classes)))
 
-    def per_class_iou(self):
+    def per_class_iou(self) -> Tensor:
         """IoU of each class, NaN for classes that never occurred.
 
         Returns:
@@ -118,7 +127,7 @@ class SegmentationMeanIoU(keras.metrics.Metric):
         nan = ops.full_like(union, float("nan"))
         return ops.where(union > 0, true_positive / ops.maximum(union, 1e-12), nan)
 
-    def result(self):
+    def result(self) -> Tensor:
         confusion = ops.convert_to_tensor(self.confusion)
         true_positive = ops.diagonal(confusion)
         union = ops.sum(confusion, axis=0) + ops.sum(confusion, axis=1) - true_positive
@@ -126,10 +135,10 @@ class SegmentationMeanIoU(keras.metrics.Metric):
         iou = true_positive / ops.maximum(union, 1e-12)
         return ops.sum(iou * occurs) / ops.maximum(ops.sum(occurs), 1.0)
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         self.confusion.assign(ops.zeros((self.num_classes, self.num_classes), dtype="float32"))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"num_classes": self.num_classes, "ignore_class": self.ignore_class})
         return config
@@ -138,7 +147,7 @@ class SegmentationMeanIoU(keras.metrics.Metric):
 class _MaskedMeanAbsoluteError(keras.metrics.Metric):
     """Sum of |y_pred - target| over valid elements, divided by their count."""
 
-    def __init__(self, name, dtype=None):
+    def __init__(self, name: str, dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
         self.total = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="total")
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
@@ -146,7 +155,7 @@ class _MaskedMeanAbsoluteError(keras.metrics.Metric):
     def _target_and_mask(self, y_true, y_pred):
         raise NotImplementedError
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
+    def update_state(self, y_true: ArrayLike, y_pred: ArrayLike, sample_weight: ArrayLike | None = None) -> None:
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
         target, mask = self._target_and_mask(y_true, y_pred)
@@ -156,10 +165,10 @@ class _MaskedMeanAbsoluteError(keras.metrics.Metric):
         self.total.assign_add(ops.sum(error))
         self.count.assign_add(ops.sum(mask))
 
-    def result(self):
+    def result(self) -> Tensor:
         return self.total / ops.maximum(self.count, 1e-12)
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         self.total.assign(0.0)
         self.count.assign(0.0)
 
@@ -185,13 +194,13 @@ class InstanceOffsetError(_MaskedMeanAbsoluteError):
     ```
     """
 
-    def __init__(self, name="instance_error", dtype=None):
+    def __init__(self, name: str = "instance_error", dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
 
     def _target_and_mask(self, y_true, y_pred):
         return y_true[..., :2], y_true[..., 2:3]
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return super().get_config()
 
 
@@ -214,13 +223,13 @@ class DisparityError(_MaskedMeanAbsoluteError):
     ```
     """
 
-    def __init__(self, name="disparity_error", dtype=None):
+    def __init__(self, name: str = "disparity_error", dtype: str | None = None) -> None:
         super().__init__(name=name, dtype=dtype)
 
     def _target_and_mask(self, y_true, y_pred):
         return y_true, ops.cast(y_true > 0, "float32")
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return super().get_config()
 
 
@@ -243,14 +252,16 @@ class BinaryErrorRate(keras.metrics.Metric):
     ```
     """
 
-    def __init__(self, from_logits=True, threshold=0.5, name="error", dtype=None):
+    def __init__(
+        self, from_logits: bool = True, threshold: float = 0.5, name: str = "error", dtype: str | None = None
+    ) -> None:
         super().__init__(name=name, dtype=dtype)
         self.from_logits = bool(from_logits)
         self.threshold = float(threshold)
         self.wrong = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="wrong")
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
+    def update_state(self, y_true: ArrayLike, y_pred: ArrayLike, sample_weight: ArrayLike | None = None) -> None:
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
         if len(y_pred.shape) == len(y_true.shape) + 1 and y_pred.shape[-1] == 1:
@@ -267,20 +278,24 @@ class BinaryErrorRate(keras.metrics.Metric):
         self.wrong.assign_add(ops.sum(wrong * weights))
         self.count.assign_add(ops.sum(weights))
 
-    def result(self):
+    def result(self) -> Tensor:
         return self.wrong / ops.maximum(self.count, 1e-12)
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         self.wrong.assign(0.0)
         self.count.assign(0.0)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"from_logits": self.from_logits, "threshold": self.threshold})
         return config
 
 
-def delta_m(scores, baselines, lower_is_better=False):
+def delta_m(
+    scores: dict[str, SupportsFloat] | Sequence[SupportsFloat],
+    baselines: Mapping[str, SupportsFloat] | Sequence[SupportsFloat],
+    lower_is_better: bool | dict[str, bool] | Sequence[bool] = False,
+) -> float:
     """Relative multi-task performance against single-task baselines
     (Maninis, Radosavovic and Kokkinos, CVPR 2019):
 

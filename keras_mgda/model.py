@@ -2,6 +2,7 @@
 balances the task losses with a `Weighting` (MGDA-UB by default)."""
 
 import inspect
+from typing import Any
 
 import keras
 
@@ -10,7 +11,9 @@ from keras_mgda import backend as mtl_backend
 from keras_mgda import graph
 from keras_mgda import weighting as weighting_lib
 from keras_mgda.step import Split
+from keras_mgda.step import StepPlan
 from keras_mgda.step import build_plan
+from keras_mgda.types import WeightingLike
 
 __all__ = ["MGDAModel", "MultiTaskModel", "NONFINITE_POLICIES"]
 
@@ -68,12 +71,12 @@ class MultiTaskModel(keras.Model):
 
     def __init__(
         self,
-        *args,
-        weighting=None,
-        shared=None,
-        on_nonfinite="raise",
-        **kwargs,
-    ):
+        *args: Any,
+        weighting: WeightingLike = None,
+        shared: str | keras.layers.Layer | keras.KerasTensor | None = None,
+        on_nonfinite: str = "raise",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
@@ -92,43 +95,43 @@ class MultiTaskModel(keras.Model):
         object.__setattr__(self, "_logging_task_weights", False)
 
     @property
-    def weighting(self):
+    def weighting(self) -> weighting_lib.Weighting:
         """The `Weighting` that balances the tasks."""
         return self._weighting
 
     @property
-    def encoder(self):
+    def encoder(self) -> keras.Model | None:
         """The functional sub-model from the inputs to the shared
         representation Z (shares the layers and weights); None for a model
         with one output, which trains as plain Keras."""
         return self._split.encoder
 
     @property
-    def heads(self):
+    def heads(self) -> keras.Model | None:
         """The functional sub-model from Z to the outputs (None likewise)."""
         return self._split.heads
 
     @property
-    def task_names(self):
+    def task_names(self) -> list[str] | None:
         """Names of the outputs compiled with a loss (known once built)."""
         plan = self._current_plan()
         return None if plan is None else plan.task_names
 
     @property
-    def step_plan(self):
+    def step_plan(self) -> StepPlan | None:
         """The `StepPlan` of the current compilation, or None before the
         compiled loss is built."""
         return self._current_plan()
 
     @property
-    def metrics(self):
+    def metrics(self) -> list[keras.metrics.Metric]:
         metrics = super().metrics
         plan = self._current_plan()
         if plan is not None:
             metrics = metrics + list(plan.trackers)
         return metrics
 
-    def get_metrics_result(self):
+    def get_metrics_result(self) -> dict[str, Any]:
         results = super().get_metrics_result()
         plan = self._current_plan()
         if plan is not None and not self._logging_task_weights:
@@ -139,7 +142,7 @@ class MultiTaskModel(keras.Model):
             results.pop(plan.trackers.skipped.name, None)
         return results
 
-    def metrics_result_with_task_weights(self):
+    def metrics_result_with_task_weights(self) -> dict[str, Any]:
         """`get_metrics_result()` with the task weights and skipped steps,
         as a train step returns it."""
         object.__setattr__(self, "_logging_task_weights", True)
@@ -175,7 +178,7 @@ class MultiTaskModel(keras.Model):
         if defer:
             optimizer.build(self.trainable_variables)
 
-    def step_plan_for(self, data):
+    def step_plan_for(self, data: Any) -> StepPlan:
         """The `StepPlan`, built from `data` if Keras has not built the
         compiled loss yet (TensorFlow without a distribution strategy builds
         lazily)."""
@@ -218,7 +221,7 @@ class MultiTaskModel(keras.Model):
 
     # Training -------------------------------------------------------------
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         if self.weighting.has_epoch_hook:
             arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
             arguments.arguments.pop("self")
@@ -228,10 +231,10 @@ class MultiTaskModel(keras.Model):
             return super().fit(*arguments.args, **arguments.kwargs)
         return super().fit(*args, **kwargs)
 
-    def train_step(self, *args, **kwargs):
+    def train_step(self, *args: Any, **kwargs: Any) -> Any:
         return mtl_backend.train_step(self, *args, **kwargs)
 
-    def make_train_function(self, force=False):
+    def make_train_function(self, force: bool = False) -> None:
         previous = self.train_function
         super().make_train_function(force=force)
         if self.train_function is not previous:
@@ -239,7 +242,7 @@ class MultiTaskModel(keras.Model):
                 self, self.train_function
             )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             {
@@ -254,7 +257,7 @@ class MultiTaskModel(keras.Model):
 class _WeightingEpochHook(keras.callbacks.Callback):
     """Calls the weighting's `on_epoch_end` after each epoch of `fit`."""
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.model.weighting.on_epoch_end(epoch, logs)
 
 
@@ -302,7 +305,7 @@ class MGDAModel(MultiTaskModel):
 
     _MGDA_OPTIONS = ("normalization", "mode", "head_update", "max_iters", "tol", "epsilon")
 
-    def __init__(self, *args, weighting=None, **kwargs):
+    def __init__(self, *args: Any, weighting: WeightingLike = None, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in self._MGDA_OPTIONS if k in kwargs}
         if weighting is None:
             weighting = weighting_lib.MGDA(**options)

@@ -18,6 +18,10 @@ float32.
 import numpy as np
 from keras import backend
 
+from keras_mgda.types import ArrayLike
+from keras_mgda.types import Ops
+from keras_mgda.types import Tensor
+
 __all__ = [
     "argmax",
     "argmin",
@@ -35,7 +39,7 @@ __all__ = [
 _FLOAT_DTYPES = {}
 
 
-def float_dtype(x):
+def float_dtype(x: Tensor) -> str:
     """The float dtype name of `x` (`floatx()` for integer input).
 
     Cached: `standardize_dtype` costs ~15 us, and the eager solvers ask for
@@ -51,38 +55,38 @@ def float_dtype(x):
     return dtype
 
 
-def eps(dtype):
+def eps(dtype: str) -> float:
     """Machine epsilon of a float dtype name, as a Python float."""
     return float(np.finfo(dtype).eps)
 
 
-def const(value, like, *, ops):
+def const(value: ArrayLike, like: Tensor, *, ops: Ops) -> Tensor:
     """`value` as a tensor of `like`'s float dtype (an `ops.cast` of a
     Python float goes through float32 on TensorFlow)."""
     return ops.convert_to_tensor(value, dtype=float_dtype(like))
 
 
-def maximum(x, y, *, ops):
+def maximum(x: Tensor, y: Tensor, *, ops: Ops) -> Tensor:
     """Elementwise maximum that keeps the dtype; NaN in `x` propagates."""
     return ops.where(x < y, y, x)
 
 
-def minimum(x, y, *, ops):
+def minimum(x: Tensor, y: Tensor, *, ops: Ops) -> Tensor:
     """Elementwise minimum that keeps the dtype; NaN in `x` propagates."""
     return ops.where(x > y, y, x)
 
 
-def argmin(x, *, ops):
+def argmin(x: Tensor, *, ops: Ops) -> Tensor:
     """Index of the first minimum along the last axis, compared exactly."""
     return ops.argmax(ops.cast(x == ops.min(x, axis=-1, keepdims=True), "int32"), axis=-1)
 
 
-def argmax(x, *, ops):
+def argmax(x: Tensor, *, ops: Ops) -> Tensor:
     """Index of the first maximum along the last axis, compared exactly."""
     return ops.argmax(ops.cast(x == ops.max(x, axis=-1, keepdims=True), "int32"), axis=-1)
 
 
-def matvec(matrix, vector, *, ops):
+def matvec(matrix: Tensor, vector: Tensor, *, ops: Ops) -> Tensor:
     """(..., T, T) x (..., T) -> (..., T), broadcasting the batch axes.
 
     Written as a product and a sum: Keras's torch `einsum` costs about ten
@@ -91,18 +95,18 @@ def matvec(matrix, vector, *, ops):
     return ops.sum(matrix * vector[..., None, :], axis=-1)
 
 
-def dot(x, y, *, ops):
+def dot(x: Tensor, y: Tensor, *, ops: Ops) -> Tensor:
     """Inner product along the last axis."""
     return ops.sum(x * y, axis=-1)
 
 
-def one_hot(index, num_tasks, dtype, *, ops):
+def one_hot(index: Tensor, num_tasks: int, dtype: str, *, ops: Ops) -> Tensor:
     """One-hot rows for integer indices (`ops.one_hot` is slow on torch)."""
     tasks = ops.arange(num_tasks, dtype="int32")
     return ops.cast(tasks == ops.cast(index, "int32")[..., None], dtype)
 
 
-def power_of_two_near(x, *, ops):
+def power_of_two_near(x: Tensor, *, ops: Ops) -> Tensor:
     """2**round(log2(x)) for x > 0: dividing by it is exact. (Rounded, not
     floored: log2 of an exact power of two may come out a hair low.)"""
     return ops.power(const(2.0, x, ops=ops), ops.round(ops.log2(x)))

@@ -6,6 +6,15 @@ imported, so the package imports without it (`pip install
 """
 
 import math
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "accuracy_profile",
@@ -57,7 +66,11 @@ def _mean_std(rows):
     return means, stds
 
 
-def summarize(results, tasks=("left", "right"), selection="honest"):
+def summarize(
+    results: dict[str, Any] | Iterable[Mapping[str, Any]],
+    tasks: Sequence[str] = ("left", "right"),
+    selection: str = "honest",
+) -> dict[str, Any]:
     """Mean and standard deviation over seeds of each method's accuracies.
 
     Args:
@@ -111,15 +124,15 @@ def summarize(results, tasks=("left", "right"), selection="honest"):
 
 
 def accuracy_profile(
-    results,
-    tasks=("left", "right"),
-    ax=None,
+    results: dict[str, Any] | Iterable[Mapping[str, Any]],
+    tasks: Sequence[str] = ("left", "right"),
+    ax: "Axes | None" = None,
     *,
-    selection="honest",
-    percent=True,
-    references=None,
-    title=None,
-):
+    selection: str = "honest",
+    percent: bool = True,
+    references: Mapping[str, tuple[float, float]] | None = None,
+    title: str | None = None,
+) -> "Figure":
     """The accuracy profile of Sener & Koltun's Figure 3: one task's
     accuracy against the other's, one marker per method.
 

@@ -35,11 +35,16 @@ so it runs on TensorFlow, JAX and PyTorch, inside `tf.function` and
 Python branching on tensor values.
 """
 
+from typing import Any
+
 import keras
 import numpy as np
 
 from keras_mgda import numerics as nx
 from keras_mgda.active_set import active_set_qp
+from keras_mgda.types import ArrayLike
+from keras_mgda.types import Ops
+from keras_mgda.types import Tensor
 
 __all__ = [
     "DEFAULT_TOL",
@@ -160,7 +165,14 @@ def _polish(gram, mask, weights, ops):
     )
 
 
-def min_norm(gram, mask=None, max_iters=None, tol=None, *, ops=keras.ops):
+def min_norm(
+    gram: ArrayLike,
+    mask: ArrayLike | None = None,
+    max_iters: int | None = None,
+    tol: float | None = None,
+    *,
+    ops: Ops = keras.ops,
+) -> Tensor:
     """Minimum-norm point of the convex hull of T task gradients.
 
     Solves `min a^T M a` over the probability simplex {a >= 0, sum(a) = 1}
@@ -245,7 +257,9 @@ def _solve_scaled(gram, mask, pair_mask, max_iters, tol, ops):
     return _polish(gram, mask, weights, ops)
 
 
-def min_norm_from_vectors(vectors, mask=None, *, ops=keras.ops, **kwargs):
+def min_norm_from_vectors(
+    vectors: ArrayLike, mask: ArrayLike | None = None, *, ops: Ops = keras.ops, **kwargs: Any
+) -> Tensor:
     """`min_norm` for explicit task gradients.
 
     Args:
@@ -269,7 +283,14 @@ def min_norm_from_vectors(vectors, mask=None, *, ops=keras.ops, **kwargs):
     return min_norm(gram, mask=mask, ops=ops, **kwargs)
 
 
-def normalization_divisors(gram, losses, normalization="loss+", epsilon=1e-12, *, ops=keras.ops):
+def normalization_divisors(
+    gram: ArrayLike,
+    losses: ArrayLike,
+    normalization: str = "loss+",
+    epsilon: float = 1e-12,
+    *,
+    ops: Ops = keras.ops,
+) -> Tensor:
     """Per-task divisors n_t for gradient normalisation, as in MGDA's code.
 
     Dividing gradient t by n_t changes the min-norm weights only; the caller
@@ -315,7 +336,7 @@ def normalization_divisors(gram, losses, normalization="loss+", epsilon=1e-12, *
     return nx.maximum(divisors, nx.const(epsilon, gram, ops=ops), ops=ops)
 
 
-def check_normalization(normalization):
+def check_normalization(normalization: str) -> None:
     """Raises a ValueError naming the choices for an unknown normalisation."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(
@@ -323,7 +344,7 @@ def check_normalization(normalization):
         )
 
 
-def normalize_gram(gram, divisors, *, ops=keras.ops):
+def normalize_gram(gram: ArrayLike, divisors: ArrayLike, *, ops: Ops = keras.ops) -> Tensor:
     """Gram matrix of the normalised gradients g_t / n_t.
 
     Args:

@@ -1,5 +1,15 @@
 """CelebA: 40 binary face attributes, one task each, from tensorflow-datasets."""
 
+import os
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from keras_mgda.types import Tensor
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 __all__ = [
     "celeba",
     "preprocess",
@@ -20,7 +30,9 @@ ATTRIBUTES = (
 SPLITS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 
 
-def preprocess(image, attributes, image_size=(64, 64)):
+def preprocess(
+    image: Tensor, attributes: Mapping[str, Tensor], image_size: Sequence[int] = (64, 64)
+) -> tuple[Tensor, dict[str, Tensor]]:
     """One CelebA example -> (image, targets), in TensorFlow.
 
     Args:
@@ -40,7 +52,12 @@ def preprocess(image, attributes, image_size=(64, 64)):
     return image, targets
 
 
-def celeba(split, data_dir=None, image_size=(64, 64), download=True):
+def celeba(
+    split: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    image_size: Sequence[int] = (64, 64),
+    download: bool = True,
+) -> "tf.data.Dataset":
     """CelebA from tensorflow-datasets' `celeb_a`, shaped as the authors'
     40-task problem.
 

@@ -23,6 +23,13 @@ tensorflow-datasets nor the right images.
 import os
 import threading
 import zipfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from keras_mgda.types import Tensor
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = [
     "cityscapes",
@@ -62,7 +69,7 @@ Cityscapes needs a manual download (registration required):
       leftImg8bit/, gtFine/ and disparity/) and pass it as data_dir."""
 
 
-def train_id_table():
+def train_id_table() -> list[int]:
     """The 256-entry labelId -> trainId table (255 for ignored labels), as a
     Python list."""
     table = [IGNORE_LABEL] * 256
@@ -71,7 +78,7 @@ def train_id_table():
     return table
 
 
-def instance_offsets(instance_ids):
+def instance_offsets(instance_ids: Tensor) -> Tensor:
     """Per-pixel offset to the centre of the pixel's instance (Kendall et
     al.'s instance proxy task), in TensorFlow.
 
@@ -106,7 +113,7 @@ def instance_offsets(instance_ids):
     return tf.reshape(targets, [height, width, 3])
 
 
-def decode_disparity(raw):
+def decode_disparity(raw: Tensor) -> Tensor:
     """Cityscapes disparity PNG values -> disparity in pixels.
 
     Args:
@@ -123,7 +130,9 @@ def decode_disparity(raw):
     return tf.where(raw > 0, (raw - 1.0) / 256.0, tf.zeros_like(raw))
 
 
-def make_targets(image, label_ids, instance_ids, disparity_raw, image_size):
+def make_targets(
+    image: Tensor, label_ids: Tensor, instance_ids: Tensor, disparity_raw: Tensor, image_size: Sequence[int]
+) -> tuple[Tensor, dict[str, Tensor]]:
     """One Cityscapes example at full resolution -> (image, targets) at
     `image_size`, in TensorFlow.
 
@@ -175,13 +184,13 @@ def make_targets(image, label_ids, instance_ids, disparity_raw, image_size):
 
 
 def cityscapes(
-    split,
-    data_dir=None,
-    manual_dir=None,
-    image_size=(256, 512),
-    source="tfds",
-    download=True,
-):
+    split: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    manual_dir: str | os.PathLike[str] | None = None,
+    image_size: Sequence[int] = (256, 512),
+    source: str = "tfds",
+    download: bool = True,
+) -> "tf.data.Dataset":
     """Cityscapes as a `tf.data.Dataset` of the paper's three tasks.
 
     - `"segmentation"`: the 19 evaluated classes (Cityscapes trainIds),

@@ -11,8 +11,14 @@ and normalised with MNIST's mean 0.1307 and standard deviation 0.3081.
 """
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from keras_mgda.types import ArrayLike
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = [
     "load_digits_arrays",
@@ -40,7 +46,7 @@ def _nearest_indices(source, target):
     return np.floor((np.arange(target) + 0.5) * source / target).astype(np.int64)
 
 
-def overlay(left, right):
+def overlay(left: ArrayLike, right: ArrayLike) -> np.ndarray:
     """Overlays pairs of 28x28 digits the authors' way.
 
     Args:
@@ -72,7 +78,7 @@ def overlay(left, right):
     return canvas[:, rows][:, :, rows]
 
 
-def pair_indices(num_examples, seed, split):
+def pair_indices(num_examples: int, seed: int, split: str) -> np.ndarray:
     """The partner (right digit) of every image: uniform draws with
     replacement, as in the authors' code, fixed by `seed` and `split`.
 
@@ -88,7 +94,9 @@ def pair_indices(num_examples, seed, split):
     return rng.integers(0, num_examples, size=num_examples)
 
 
-def make_pairs(images, labels, seed=0, split="train"):
+def make_pairs(
+    images: ArrayLike, labels: ArrayLike, seed: int = 0, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MultiMNIST images and labels from single-digit images, in numpy.
 
     Args:
@@ -116,14 +124,14 @@ def make_pairs(images, labels, seed=0, split="train"):
     return canvases, labels, labels[partners]
 
 
-def normalize(images):
+def normalize(images: ArrayLike) -> np.ndarray:
     """uint8 images (..., 28, 28) -> float32 (..., 28, 28, 1) normalised
     with MNIST's mean and standard deviation."""
     images = np.asarray(images, dtype=np.float32) / 255.0
     return ((images - MNIST_MEAN) / MNIST_STD)[..., None]
 
 
-def load_mnist_arrays(split, source=None):
+def load_mnist_arrays(split: str, source: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The single-digit images and labels of one MNIST split.
 
     Args:
@@ -177,7 +185,7 @@ def _load_tfds_mnist(split):
     return images[..., 0].astype(np.uint8), labels.astype(np.int32)
 
 
-def load_digits_arrays(split, test_fraction=0.2):
+def load_digits_arrays(split: str, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled handwritten digits, shaped like MNIST.
 
     `sklearn.datasets.load_digits` ships with scikit-learn (1797 real
@@ -227,7 +235,9 @@ def _bilinear_resize(images, size):
     return rows[:, :, low] * (1 - frac)[None, None, :] + rows[:, :, high] * frac[None, None, :]
 
 
-def multi_mnist_arrays(split, source=None, seed=0):
+def multi_mnist_arrays(
+    split: str, source: str | os.PathLike[str] | None = None, seed: int = 0
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """MultiMNIST as NumPy arrays, the authors' protocol, without TensorFlow.
 
     The same examples, in the same order, as `multi_mnist` (its NumPy twin),
@@ -261,7 +271,7 @@ def multi_mnist_arrays(split, source=None, seed=0):
     return normalize(canvases), {"left": left, "right": right}
 
 
-def multi_mnist(split, source=None, seed=0):
+def multi_mnist(split: str, source: str | os.PathLike[str] | None = None, seed: int = 0) -> "tf.data.Dataset":
     """MultiMNIST as a `tf.data.Dataset`, the authors' protocol.
 
     Every image of the MNIST split is the left digit of one example, paired

@@ -1,9 +1,16 @@
 """The CelebA ResNet-18 of Sener & Koltun's code (`multi_faces_resnet.py`)."""
 
+from collections.abc import Iterable
+from typing import Any
+
 import keras
 
 from keras_mgda.datasets.celeba import ATTRIBUTES
+from keras_mgda.model import MultiTaskModel
 from keras_mgda.models._build import multi_task_model
+from keras_mgda.types import Shape
+from keras_mgda.types import Tensor
+from keras_mgda.types import WeightingLike
 
 __all__ = [
     "celeba_resnet18",
@@ -27,7 +34,7 @@ def _basic_block(x, filters, stride, name):
     return keras.layers.ReLU(name=f"{name}_out")(h)
 
 
-def resnet18_trunk(images, width=64, pool_size=4):
+def resnet18_trunk(images: Tensor, width: int = 64, pool_size: int = 4) -> Tensor:
     """ResNet-18 for small images (3x3 stem with stride 1, no max-pool, as
     the authors' and CIFAR's ResNets), then average pooling and flattening.
 
@@ -52,13 +59,13 @@ def resnet18_trunk(images, width=64, pool_size=4):
 
 
 def celeba_resnet18(
-    weighting=None,
-    input_shape=(64, 64, 3),
-    attributes=ATTRIBUTES,
-    width=64,
-    name="celeba_resnet18",
-    **model_kwargs,
-):
+    weighting: WeightingLike = None,
+    input_shape: Shape = (64, 64, 3),
+    attributes: Iterable[str] = ATTRIBUTES,
+    width: int = 64,
+    name: str = "celeba_resnet18",
+    **model_kwargs: Any,
+) -> MultiTaskModel:
     """The authors' CelebA model, uncompiled: a ResNet-18 trunk shared by
     one linear head per attribute.
 

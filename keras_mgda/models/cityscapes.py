@@ -2,11 +2,19 @@
 pyramid-pooling (PSPNet) decoders, for semantic segmentation, instance
 offsets and disparity; with the losses and metrics to train it."""
 
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 from keras import ops
 
 from keras_mgda import metrics as metrics_lib
+from keras_mgda.model import MultiTaskModel
 from keras_mgda.models._build import multi_task_model
+from keras_mgda.types import Shape
+from keras_mgda.types import Tensor
+from keras_mgda.types import WeightingLike
 
 __all__ = [
     "AdaptiveAveragePooling",
@@ -35,12 +43,12 @@ class ImageNetCaffePreprocessing(keras.layers.Layer):
     ```
     """
 
-    def call(self, images):
+    def call(self, images: Tensor) -> Tensor:
         images = ops.flip(ops.cast(images, self.compute_dtype) * 255.0, axis=-1)
         mean = ops.convert_to_tensor(IMAGENET_CAFFE_MEAN, dtype=self.compute_dtype)
         return images - mean
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
         return input_shape
 
 
@@ -60,7 +68,7 @@ class AdaptiveAveragePooling(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, bins, **kwargs):
+    def __init__(self, bins: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bins = int(bins)
 
@@ -68,7 +76,7 @@ class AdaptiveAveragePooling(keras.layers.Layer):
     def _edges(size, bins):
         return [((i * size) // bins, -(-((i + 1) * size) // bins)) for i in range(bins)]
 
-    def call(self, x):
+    def call(self, x: Tensor) -> Tensor:
         height, width = x.shape[1], x.shape[2]
         if height is None or width is None:
             raise ValueError("AdaptiveAveragePooling needs a static height and width.")
@@ -81,16 +89,23 @@ class AdaptiveAveragePooling(keras.layers.Layer):
             rows.append(ops.stack(cells, axis=1))
         return ops.stack(rows, axis=1)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
         return (input_shape[0], self.bins, self.bins, input_shape[3])
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["bins"] = self.bins
         return config
 
 
-def pyramid_pooling_decoder(z, num_outputs, output_size, pool_scales=(1, 2, 3, 6), channels=512, name="decoder"):
+def pyramid_pooling_decoder(
+    z: Tensor,
+    num_outputs: int,
+    output_size: Sequence[int],
+    pool_scales: Sequence[int] = (1, 2, 3, 6),
+    channels: int = 512,
+    name: str = "decoder",
+) -> Tensor:
     """PSPNet's pyramid-pooling decoder (the authors' `SegmentationDecoder`).
 
     Each scale s: average pooling to s x s, 1x1 convolution to `channels`,
@@ -129,16 +144,16 @@ def pyramid_pooling_decoder(z, num_outputs, output_size, pool_scales=(1, 2, 3, 6
 
 
 def cityscapes_pspnet(
-    weighting=None,
-    input_shape=(256, 512, 3),
-    num_classes=19,
-    weights=None,
-    pool_scales=(1, 2, 3, 6),
-    decoder_channels=512,
-    backbone="resnet50",
-    name="cityscapes_pspnet",
-    **model_kwargs,
-):
+    weighting: WeightingLike = None,
+    input_shape: Shape = (256, 512, 3),
+    num_classes: int = 19,
+    weights: str | None = None,
+    pool_scales: Sequence[int] = (1, 2, 3, 6),
+    decoder_channels: int = 512,
+    backbone: str | Callable[[Tensor], Tensor] = "resnet50",
+    name: str = "cityscapes_pspnet",
+    **model_kwargs: Any,
+) -> MultiTaskModel:
     """The paper's Cityscapes model, uncompiled: a ResNet-50 trunk shared by
     three pyramid-pooling decoders.
 
@@ -228,15 +243,15 @@ class InstanceOffsetLoss(keras.losses.Loss):
     ```
     """
 
-    def __init__(self, name="instance_offset_l1", **kwargs):
+    def __init__(self, name: str = "instance_offset_l1", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
         return _masked_mean(ops.abs(y_pred - y_true[..., :2]), y_true[..., 2:3])
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "reduction": self.reduction}
 
 
@@ -252,19 +267,19 @@ class DisparityLoss(keras.losses.Loss):
     ```
     """
 
-    def __init__(self, name="disparity_l1", **kwargs):
+    def __init__(self, name: str = "disparity_l1", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
         return _masked_mean(ops.abs(y_pred - y_true), ops.cast(y_true > 0, "float32"))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "reduction": self.reduction}
 
 
-def cityscapes_losses(ignore_class=255):
+def cityscapes_losses(ignore_class: int | None = 255) -> dict[str, keras.losses.Loss]:
     """The losses of the three Cityscapes tasks, as `compile` takes them.
 
     Args:
@@ -284,7 +299,7 @@ def cityscapes_losses(ignore_class=255):
     }
 
 
-def cityscapes_metrics(num_classes=19, ignore_class=255):
+def cityscapes_metrics(num_classes: int = 19, ignore_class: int | None = 255) -> dict[str, list[keras.metrics.Metric]]:
     """The paper's Cityscapes metrics, as `compile` takes them.
 
     Returns:

@@ -1,9 +1,16 @@
 """The MultiMNIST LeNet of Sener & Koltun's code (`multi_lenet.py`)."""
 
+from collections.abc import Iterable
+from typing import Any
+
 import keras
 from keras import ops
 
+from keras_mgda.model import MultiTaskModel
 from keras_mgda.models._build import multi_task_model
+from keras_mgda.types import Shape
+from keras_mgda.types import Tensor
+from keras_mgda.types import WeightingLike
 
 __all__ = [
     "multi_mnist_lenet",
@@ -45,7 +52,7 @@ class UnscaledDropout(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, rate, shared_axes=(), seed=None, **kwargs):
+    def __init__(self, rate: float, shared_axes: Iterable[int] = (), seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= float(rate) < 1.0:
             raise ValueError(f"UnscaledDropout needs 0 <= rate < 1; received rate={rate}.")
@@ -63,17 +70,17 @@ class UnscaledDropout(keras.layers.Layer):
             shape[axis] = 1
         return tuple(shape)
 
-    def call(self, inputs, training=False):
+    def call(self, inputs: Tensor, training: bool = False) -> Tensor:
         if not training or self.rate == 0.0:
             return inputs
         draws = keras.random.uniform(self._mask_shape(inputs), seed=self.seed_generator)
         keep = ops.cast(ops.greater_equal(draws, self.rate), inputs.dtype)
         return inputs * keep
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Shape) -> Shape:
         return input_shape
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"rate": self.rate, "shared_axes": list(self.shared_axes), "seed": self.seed})
         return config
@@ -100,13 +107,13 @@ def _head_dropout(rate, variant, task):
 
 
 def multi_mnist_lenet(
-    weighting=None,
-    dropout=0.5,
-    input_shape=(28, 28, 1),
-    name="multi_mnist_lenet",
-    dropout_variant="keras",
-    **model_kwargs,
-):
+    weighting: WeightingLike = None,
+    dropout: float = 0.5,
+    input_shape: Shape = (28, 28, 1),
+    name: str = "multi_mnist_lenet",
+    dropout_variant: str = "keras",
+    **model_kwargs: Any,
+) -> MultiTaskModel:
     """The authors' two-task LeNet for MultiMNIST, uncompiled.
 
     Trunk: conv 10@5x5, max-pool 2, ReLU, conv 20@5x5, channel dropout,

@@ -7,9 +7,14 @@ to record the value it computes keeps Keras's structure handling,
 the step one scalar per task, each depending on its own output only.
 """
 
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 
 from keras_mgda import _keras
+from keras_mgda.types import Tensor
 
 __all__ = ["RecordingLoss", "record_task_losses", "task_loss_list"]
 
@@ -24,21 +29,21 @@ class RecordingLoss:
         index: the task's index.
     """
 
-    def __init__(self, loss_fn, sink, index):
+    def __init__(self, loss_fn: Callable[..., Tensor], sink: dict[int, Tensor], index: int) -> None:
         self.loss_fn = loss_fn
         self.sink = sink
         self.index = index
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         value = self.loss_fn(y_true, y_pred, sample_weight)
         self.sink[self.index] = value
         return value
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.loss_fn, name)
 
 
-def record_task_losses(compile_loss, sink):
+def record_task_losses(compile_loss: Any, sink: dict[int, Tensor]) -> tuple[list[str], list[float]]:
     """Makes every task loss of `compile_loss` record its value in `sink`.
 
     Args:
@@ -68,7 +73,7 @@ def record_task_losses(compile_loss, sink):
     return names, weights
 
 
-def task_loss_list(sink, loss_weights, dtype):
+def task_loss_list(sink: dict[int, Tensor], loss_weights: Sequence[float], dtype: str) -> list[Tensor]:
     """The per-task losses recorded by the last loss computation, times
     their `loss_weights`.
 

@@ -17,11 +17,22 @@ A step, in order (see docs/architecture.md):
 """
 
 import collections
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
 
 import keras
 
 from keras_mgda import _keras
+from keras_mgda.step.plan import StepPlan
+from keras_mgda.types import Ops
+from keras_mgda.types import Tensor
 from keras_mgda.weighting.base import call_with_ops
+
+if TYPE_CHECKING:
+    from keras_mgda.model import MultiTaskModel
 
 __all__ = [
     "Batch",
@@ -49,7 +60,7 @@ Losses = collections.namedtuple("Losses", ["total", "tasks", "extra"])
 Decision = collections.namedtuple("Decision", ["per_task_ok", "logged_ok", "step_ok", "bad_index"])
 
 
-def begin(model, data):
+def begin(model: "MultiTaskModel", data: Any) -> tuple[StepPlan, Batch]:
     """Unpacks a batch and makes sure the tasks and the optimizer exist.
 
     Returns:
@@ -63,7 +74,7 @@ def begin(model, data):
     return plan, Batch(x, y, sample_weight)
 
 
-def compute_losses(model, plan, batch, y_pred):
+def compute_losses(model: keras.Model, plan: StepPlan, batch: Batch, y_pred: Any) -> Losses:
     """Keras's compiled loss on `y_pred`, with the per-task losses it
     recorded and the additional (regularisation, `add_loss`) loss.
 
@@ -77,7 +88,7 @@ def compute_losses(model, plan, batch, y_pred):
     return Losses(total, plan.task_losses(dtype), _keras.additional_loss(model))
 
 
-def gram(jacobians, loss_scale=None, *, ops=keras.ops):
+def gram(jacobians: Iterable[Tensor], loss_scale: Tensor | float | None = None, *, ops: Ops = keras.ops) -> Tensor:
     """Gram matrix M = G G^T of per-task gradients, in float32.
 
     Args:
@@ -105,14 +116,16 @@ def gram(jacobians, loss_scale=None, *, ops=keras.ops):
     return result
 
 
-def combine(weights, jacobian, *, ops=keras.ops):
+def combine(weights: Tensor, jacobian: Tensor, *, ops: Ops = keras.ops) -> Tensor:
     """The encoder cotangent sum_t weights_t * jacobian_t, in the
     jacobian's dtype."""
     weights = ops.cast(weights, jacobian.dtype)
     return ops.tensordot(weights, jacobian, axes=1)
 
 
-def task_weights(plan, losses, gram_matrix, *, ops=None):
+def task_weights(
+    plan: StepPlan, losses: Tensor, gram_matrix: Tensor | None, *, ops: Ops | None = None
+) -> tuple[Tensor, Tensor]:
     """The weighting's task weights and head weights.
 
     Args:
@@ -135,7 +148,14 @@ def task_weights(plan, losses, gram_matrix, *, ops=None):
     return weights, call_with_ops(weighting.head_weights, weights, ops=ops)
 
 
-def aggregate(plan, gradients, losses, gram_matrix, *, ops=None):
+def aggregate(
+    plan: StepPlan,
+    gradients: list[Tensor],
+    losses: Tensor,
+    gram_matrix: Tensor,
+    *,
+    ops: Ops | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
     """A `GradientAggregator`'s update directions and task weights.
 
     Args:
@@ -153,7 +173,7 @@ def aggregate(plan, gradients, losses, gram_matrix, *, ops=None):
     return directions, weights, call_with_ops(weighting.head_weights, weights, ops=ops)
 
 
-def inference_losses(model, plan, batch):
+def inference_losses(model: keras.Model, plan: StepPlan, batch: Batch) -> Tensor:
     """The (T,) float32 task losses of the batch in inference mode, without
     touching any metric (the compiled loss's trackers are put back): what
     an `AfterUpdateHook` sees after the update."""
@@ -166,7 +186,7 @@ def inference_losses(model, plan, batch):
     return keras.ops.cast(keras.ops.stack(losses.tasks), "float32")
 
 
-def weighting_loss(plan, losses, gram_matrix):
+def weighting_loss(plan: StepPlan, losses: Tensor, gram_matrix: Tensor | None) -> Tensor | None:
     """The weighting's own objective for its trainable variables, or None
     (always None for one task)."""
     if plan.num_tasks == 1:
@@ -174,7 +194,9 @@ def weighting_loss(plan, losses, gram_matrix):
     return plan.weighting.loss(losses, gram_matrix)
 
 
-def loss_objective(plan, losses, weights, own, scale):
+def loss_objective(
+    plan: StepPlan, losses: Losses, weights: Tensor, own: Tensor | None, scale: Callable[[Tensor], Tensor]
+) -> Tensor:
     """What the step of a loss-based weighting differentiates.
 
     Args:
@@ -199,7 +221,12 @@ def loss_objective(plan, losses, weights, own, scale):
     return value
 
 
-def add_gradients(count, parts, head_parts=(), head_weights=None):
+def add_gradients(
+    count: int,
+    parts: Iterable[tuple[Sequence[int], Sequence[Tensor | None]]],
+    head_parts: Iterable[tuple[Sequence[int], Sequence[Tensor | None]]] = (),
+    head_weights: Tensor | Sequence[Tensor] | None = None,
+) -> list[Tensor | None]:
     """Puts the step's gradients together, one per trainable variable.
 
     Args:
@@ -231,7 +258,7 @@ def add_gradients(count, parts, head_parts=(), head_weights=None):
     return grads
 
 
-def gradients_finite(grads, *, ops=keras.ops):
+def gradients_finite(grads: Iterable[Tensor | None], *, ops: Ops = keras.ops) -> Tensor:
     """Whether every gradient is finite, with one reduction per gradient
     (a sum: NaN or Inf anywhere makes it non-finite), as Keras's
     `LossScaleOptimizer` checks them."""
@@ -241,7 +268,16 @@ def gradients_finite(grads, *, ops=keras.ops):
     return ops.all(ops.isfinite(ops.stack(sums)))
 
 
-def decide(plan, optimizer, losses, gram_matrix, weights, grads_ok, *, ops=keras.ops):
+def decide(
+    plan: StepPlan,
+    optimizer: keras.optimizers.Optimizer,
+    losses: Tensor,
+    gram_matrix: Tensor | None,
+    weights: Tensor,
+    grads_ok: Tensor | bool,
+    *,
+    ops: Ops = keras.ops,
+) -> Decision:
     """Whether this step's values are finite, decided alike on every backend.
 
     Args:
@@ -280,7 +316,7 @@ def decide(plan, optimizer, losses, gram_matrix, weights, grads_ok, *, ops=keras
     return Decision(per_task_ok, logged_ok, step_ok, bad_index)
 
 
-def nonfinite_error(plan, bad_index):
+def nonfinite_error(plan: StepPlan, bad_index: Tensor | int) -> FloatingPointError:
     """The error a non-finite step raises with `on_nonfinite="raise"`.
 
     Args:
@@ -303,7 +339,15 @@ def nonfinite_error(plan, bad_index):
     )
 
 
-def update_metrics(model, plan, batch, y_pred, total_loss, weights, logged_ok):
+def update_metrics(
+    model: keras.Model,
+    plan: StepPlan,
+    batch: Batch,
+    y_pred: Any,
+    total_loss: Tensor,
+    weights: Tensor,
+    logged_ok: Tensor | bool,
+) -> None:
     """Updates the loss tracker, the task weights and the compiled metrics
     (their results are computed once, in `train_logs`)."""
     _keras.loss_tracker(model).update_state(
@@ -323,7 +367,7 @@ def _batch_size(x):
     return keras.ops.shape(first)[0]
 
 
-def train_logs(model, plan, step_taken):
+def train_logs(model: "MultiTaskModel", plan: StepPlan, step_taken: Tensor | bool) -> dict[str, Any]:
     """Counts a skipped step and returns the step's logs: Keras's metrics
     plus the task weights."""
     if isinstance(step_taken, bool):

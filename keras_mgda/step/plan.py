@@ -8,13 +8,18 @@ steps read the plan, never the model's private attributes.
 """
 
 import dataclasses
+from collections.abc import Iterable
+from typing import Any
 
 import keras
 
 from keras_mgda import _keras
 from keras_mgda import graph
 from keras_mgda.step import losses as task_losses
+from keras_mgda.step.trackers import Trackers
 from keras_mgda.step.trackers import make_trackers
+from keras_mgda.types import Tensor
+from keras_mgda.weighting.base import Weighting
 
 __all__ = ["Split", "StepPlan", "build_plan", "unique_variables"]
 
@@ -31,9 +36,9 @@ class Split:
         shared_tensor: the `KerasTensor` Z, or None.
     """
 
-    encoder: object = None
-    heads: object = None
-    shared_tensor: object = None
+    encoder: keras.Model | None = None
+    heads: keras.Model | None = None
+    shared_tensor: keras.KerasTensor | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,44 +62,44 @@ class StepPlan:
             (the torch tensors behind variables, TF's snapshot variables).
     """
 
-    task_names: list
-    loss_weights: list
-    task_outputs: list
-    outputs: list
-    outputs_struct: object
-    weighting: object
+    task_names: list[str]
+    loss_weights: list[float]
+    task_outputs: list[int]
+    outputs: list[keras.KerasTensor]
+    outputs_struct: Any
+    weighting: Weighting
     split: Split
-    compile_loss: object
-    recorded: dict
-    trackers: object
+    compile_loss: Any
+    recorded: dict[int, Tensor]
+    trackers: Trackers
     on_nonfinite: str
-    backend_state: object = None
-    _cache: dict = dataclasses.field(default_factory=dict)
+    backend_state: Any = None
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
-    def num_tasks(self):
+    def num_tasks(self) -> int:
         return len(self.task_names)
 
     @property
-    def needs_gram(self):
+    def needs_gram(self) -> bool:
         """Whether the step computes per-task gradients and their Gram
         matrix. Never for one task: it has nothing to balance."""
         return self.num_tasks > 1 and self.weighting.requires_gram
 
     @property
-    def aggregates(self):
+    def aggregates(self) -> bool:
         """Whether the weighting acts on the per-task gradients themselves
         (`GradientAggregator`) rather than weighting them."""
         return self.needs_gram and getattr(self.weighting, "aggregates_gradients", False)
 
     @property
-    def needs_losses_after_update(self):
+    def needs_losses_after_update(self) -> bool:
         """Whether the weighting learns from the losses after the update
         (`AfterUpdateHook`)."""
         return self.num_tasks > 1 and getattr(self.weighting, "needs_losses_after_update", False)
 
     @property
-    def in_parameters(self):
+    def in_parameters(self) -> bool:
         """Whether the per-task gradients are taken with respect to the
         shared weights (exact MGDA) rather than Z."""
         return self.needs_gram and self.weighting.gradient_space == "parameters"
@@ -105,7 +110,7 @@ class StepPlan:
         return self._cache[key]
 
     @property
-    def output_heads(self):
+    def output_heads(self) -> list[keras.Model]:
         """One functional model from Z to each output (built on first use:
         40 heads cost a noticeable part of the first step otherwise)."""
         split = self.split
@@ -114,7 +119,7 @@ class StepPlan:
         )
 
     @property
-    def head_groups(self):
+    def head_groups(self) -> list[tuple[list[int], keras.Model]]:
         """`graph.head_groups`: outputs whose heads share a layer, together."""
         return self._cached(
             "head_groups",
@@ -122,7 +127,7 @@ class StepPlan:
         )
 
     @property
-    def separable(self):
+    def separable(self) -> bool:
         """Whether every output feeds exactly one task and the heads share no
         layer with each other or with the encoder: then one backward of the
         summed losses, each head reading its own copy of Z, gives every
@@ -139,13 +144,13 @@ class StepPlan:
             id(v) in encoder_ids for head in self.output_heads for v in head.trainable_variables
         )
 
-    def record_variable_ids(self):
+    def record_variable_ids(self) -> set[int]:
         """Ids of the variables that record skipped and non-finite steps: a
         skipped step must still update them, so they are never rolled back."""
         trackers = (self.trackers.skipped, self.trackers.nonfinite)
         return {id(v) for tracker in trackers for v in tracker.variables}
 
-    def protected(self, model):
+    def protected(self, model: keras.Model) -> list[keras.Variable]:
         """The state a bad step must leave untouched besides the trainable
         weights and the optimizer (which change only in the apply phase):
         BatchNorm statistics and similar non-trainable state, the
@@ -157,13 +162,13 @@ class StepPlan:
 
         return self._cached("protected", collect)
 
-    def task_losses(self, dtype):
+    def task_losses(self, dtype: str) -> list[Tensor]:
         """The per-task losses of the last loss computation (see
         `losses.task_loss_list`)."""
         return task_losses.task_loss_list(self.recorded, self.loss_weights, dtype)
 
 
-def unique_variables(variables):
+def unique_variables(variables: Iterable[keras.Variable]) -> list[keras.Variable]:
     """`variables` without repeats, in order of first appearance."""
     seen, unique = set(), []
     for v in variables:
@@ -190,7 +195,7 @@ def _task_outputs(model, entries):
     return result
 
 
-def build_plan(model, split, weighting, on_nonfinite):
+def build_plan(model: keras.Model, split: Split, weighting: Weighting, on_nonfinite: str) -> StepPlan:
     """The plan for the model's current compilation.
 
     Args:

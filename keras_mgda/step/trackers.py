@@ -2,8 +2,11 @@
 weight, the count of skipped steps, and the first non-finite task."""
 
 import collections
+from collections.abc import Iterable
 
 import keras
+
+from keras_mgda.types import Tensor
 
 __all__ = ["FirstNonfiniteTask", "TaskWeightsMean", "Trackers", "make_trackers"]
 
@@ -22,7 +25,7 @@ class TaskWeightsMean(keras.metrics.Metric):
         task_names: the tasks' names, in task order.
     """
 
-    def __init__(self, task_names):
+    def __init__(self, task_names: Iterable[str]) -> None:
         super().__init__(name="task_weights", dtype="float32")
         self.task_names = list(task_names)
         self.total = self.add_variable(
@@ -36,7 +39,7 @@ class TaskWeightsMean(keras.metrics.Metric):
             shape=(), initializer="zeros", dtype=self.dtype, aggregation="sum", name="count"
         )
 
-    def update_state(self, weights, finite):
+    def update_state(self, weights: Tensor, finite: Tensor | bool) -> None:
         if isinstance(finite, bool):  # eager steps decide on the host
             if finite:
                 self.total.assign_add(keras.ops.cast(weights, self.dtype))
@@ -46,10 +49,10 @@ class TaskWeightsMean(keras.metrics.Metric):
         self.total.assign_add(keras.ops.where(finite, weights, keras.ops.zeros_like(weights)))
         self.count.assign_add(keras.ops.cast(finite, self.dtype))
 
-    def result_names(self):
+    def result_names(self) -> list[str]:
         return [f"{name}_alpha" for name in self.task_names]
 
-    def result(self):
+    def result(self) -> dict[str, Tensor]:
         means = keras.ops.divide_no_nan(self.total, self.count)
         values = keras.ops.unstack(means, num=len(self.task_names))
         return dict(zip(self.result_names(), values, strict=True))
@@ -69,7 +72,7 @@ class FirstNonfiniteTask(keras.metrics.Metric):
     replica's value is kept under `tf.distribute`.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(name="first_nonfinite_task", dtype="float32")
         self.task_plus_one = self.add_variable(
             shape=(),
@@ -79,17 +82,17 @@ class FirstNonfiniteTask(keras.metrics.Metric):
             name="task_plus_one",
         )
 
-    def update_state(self, step_ok, bad_index):
+    def update_state(self, step_ok: Tensor, bad_index: Tensor) -> None:
         current = self.task_plus_one.value
         first = keras.ops.logical_and(current == 0, keras.ops.logical_not(step_ok))
         value = keras.ops.cast(bad_index, self.dtype) + 1
         self.task_plus_one.assign(keras.ops.where(first, value, current))
 
-    def result(self):
+    def result(self) -> dict[str, Tensor]:
         return {}
 
 
-def make_trackers(task_names):
+def make_trackers(task_names: Iterable[str]) -> Trackers:
     """The three trackers for a compiled set of tasks."""
     return Trackers(
         alpha=TaskWeightsMean(task_names),
