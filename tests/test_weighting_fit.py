@@ -15,11 +15,17 @@ TASKS = ("reg", "cls", "bin")
 # from `keras_mgda.weighting.by_name()` must fail `test_every_method_is_listed`,
 # not go untested.
 METHODS = [
-    "AlignedMTL", "CAGrad", "DTP", "DWA", "GradNorm", "IMTLG", "LBTW", "MGDA",
-    "NashMTL", "PCGrad", "Static", "UPGrad", "Uncertainty", "Uniform",
+    "AlignedMTL", "CAGrad", "CRMOGM", "DBMTL", "DTP", "DWA", "FAMO", "GLS", "GradNorm",
+    "IMTL", "IMTLG", "IMTLL", "LBTW", "MGDA", "NashMTL", "PCGrad", "RLW", "STCH",
+    "ScaleInvariant", "Static", "UPGrad", "Uncertainty", "Uniform",
 ]
 # The methods whose state (learned, running or random) must survive saving.
-STATEFUL = ["DTP", "DWA", "GradNorm", "LBTW", "PCGrad", "Uncertainty"]
+STATEFUL = [
+    "CRMOGM", "DBMTL", "DTP", "DWA", "FAMO", "GradNorm", "IMTL", "IMTLL", "LBTW",
+    "PCGrad", "RLW", "STCH", "Uncertainty",
+]
+# Stateful options of a method, each saved, loaded and continued like STATEFUL.
+VARIANTS = {"NashMTL(update_weights_every=3)": lambda: km.weighting.NashMTL(update_weights_every=3)}
 
 
 def _methods():
@@ -30,8 +36,12 @@ def _make(name):
     cls = getattr(km.weighting, name)
     if name == "Static":
         return cls({"reg": 0.5, "cls": 0.3, "bin": 0.2})
-    if name == "PCGrad":  # seeded: two models must draw the same task orders
+    if name in ("PCGrad", "RLW"):  # seeded: two models must draw the same random numbers
         return cls(seed=5)
+    if name == "CRMOGM":  # a stateful, random wrapped weighting: its state goes through the wrapper
+        return cls(km.weighting.PCGrad(seed=5), alpha=0.8)
+    if name == "STCH":  # the nadir point from epoch 0, STCH from epoch 1 on
+        return cls(warmup_epochs=1)
     return cls()
 
 
@@ -169,11 +179,20 @@ def test_save_load_and_continue_equals_uninterrupted_training(name, tmp_path):
     bitwise the weights (and weighting state) of four epochs in one go, on
     every backend: the optimizer's slots, the weighting's state and its
     random draws all resume."""
+    _assert_resumed_training_is_uninterrupted(lambda: _make(name), tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_save_load_and_continue_equals_uninterrupted_training_for_options(name, tmp_path):
+    _assert_resumed_training_is_uninterrupted(VARIANTS[name], tmp_path)
+
+
+def _assert_resumed_training_is_uninterrupted(make, tmp_path):
     x, y = _data(96)
     options = {"batch_size": 32, "shuffle": False, "verbose": 0}
-    whole = _model(_make(name))
+    whole = _model(make())
     whole.fit(x, y, epochs=4, **options)
-    first = _model(_make(name))
+    first = _model(make())
     first.fit(x, y, epochs=2, **options)
     path = str(tmp_path / "half.keras")
     first.save(path)
@@ -183,3 +202,47 @@ def test_save_load_and_continue_equals_uninterrupted_training(name, tmp_path):
     assert len(expected) == len(got)
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(b, a)
+    for a, b in zip(whole.weighting.variables, resumed.weighting.variables, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(b), keras.ops.convert_to_numpy(a))
+
+
+def test_famo_learns_its_logits_after_every_step():
+    model = _model(km.weighting.FAMO())
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    assert float(keras.ops.convert_to_numpy(model.weighting.adam_steps)) == 12  # 2 epochs of 6 steps
+    logits = keras.ops.convert_to_numpy(model.weighting.logits)
+    assert np.all(np.isfinite(logits)) and np.abs(logits).max() > 1e-3, logits
+
+
+def test_stch_measures_its_nadir_point_in_fit():
+    """With warmup_epochs=1 the nadir point is the mean task loss of epoch 0
+    (Keras logs the same mean: equal batches), set by the epoch hook."""
+    model = _model(km.weighting.STCH(warmup_epochs=1))
+    x, y = _data()
+    history = model.fit(x, y, epochs=3, batch_size=32, verbose=0).history
+    weighting = model.weighting
+    assert float(keras.ops.convert_to_numpy(weighting.epochs_seen)) == 3
+    first_epoch = [history[f"{task}_loss"][0] for task in TASKS]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(weighting.nadir), first_epoch, rtol=1e-5)
+
+
+def test_nash_mtl_update_weights_every_through_fit():
+    """One step per epoch, so each epoch's logged weights are that step's:
+    with update_weights_every=3 the weights are solved at steps 0, 3, 6 and
+    reused bit for bit between (max_norm=0: a reused alpha is not re-clipped
+    by its update's norm, see `NashMTL`); step 0 is the k = 1 solve (on
+    torch k = 1 is solved on the host with NumPy, k = 3 on torch tensors:
+    equal to rounding)."""
+    x, y = _data(32)
+    logged = {}
+    for every in (1, 3):
+        model = _model(km.weighting.NashMTL(max_norm=0, update_weights_every=every))
+        history = model.fit(x, y, epochs=7, batch_size=32, verbose=0).history
+        logged[every] = np.array([history[f"{task}_alpha"] for task in TASKS]).T  # (steps, T)
+    weights = logged[3]
+    np.testing.assert_allclose(weights[0], logged[1][0], rtol=1e-5)
+    for step in range(7):
+        np.testing.assert_array_equal(weights[step], weights[step - step % 3], err_msg=str(step))
+    assert not np.array_equal(weights[0], weights[3]) and not np.array_equal(weights[3], weights[6])
+    assert not np.array_equal(logged[1][0], logged[1][1])  # k = 1 solves every step

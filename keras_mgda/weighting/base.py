@@ -295,8 +295,15 @@ def get(identifier):
     return identifier
 
 
-# Names that are not a class name.
-_ALIASES = {"mgdaub": "mgda"}
+# Names that are not a class name (LibMTL's and torchjd's among them).
+_ALIASES = {
+    "mgdaub": "mgda",
+    "ew": "uniform",
+    "uw": "uncertainty",
+    "geometricmean": "gls",
+    "random": "rlw",
+    "si": "scaleinvariant",
+}
 
 
 def _from_name(name):

@@ -55,9 +55,21 @@ class NashMTL(GradientWeighting):
     Since that norm is exactly sqrt(T) at the solution, this is a constant
     factor here: the weights (shared update) are alpha * min(1, max_norm /
     sqrt(T)), and with `head_update="scaled"` (the default) the heads get
-    the unclipped alpha. The authors' `update_weights_every` (reuse alpha
-    for several steps) is left out: the Gram matrix is computed every step
-    anyway, and the solve is cheap.
+    the unclipped alpha.
+
+    `update_weights_every=k` is the authors' option of the same name:
+    alpha is solved at steps 0, k, 2k, ... and reused at the steps
+    between. The authors clip the shared gradient at every step, and with
+    a reused alpha its norm sqrt(alpha^T M alpha) is no longer sqrt(T):
+    at those steps the weights are alpha * min(1, max_norm /
+    sqrt(alpha^T M alpha)) with this step's M (torchjd's `NashMTL` does
+    the same), and the heads (`"scaled"`) get alpha. The last alpha and
+    the steps since the solve are state variables, so this works in
+    compiled steps and is saved with the model; a NaN or infinite Gram
+    matrix still gives NaN weights at a reuse step. The step computes
+    the Gram matrix every step anyway, so k > 1 saves only the solve;
+    k = 1 (the default) creates no state and is the solve above, bit for
+    bit.
 
     Args:
         max_norm: the clipping norm; 0 or None for no clipping.
@@ -68,6 +80,8 @@ class NashMTL(GradientWeighting):
             in the paper) or `"full"` (heads get their own gradients).
         max_iters: cap on the Newton iterations.
         epsilon: the relative ridge (see above), > 0.
+        update_weights_every: solve every this many steps (1, the authors'
+            default), an integer >= 1.
         **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
 
     Returns:
@@ -90,6 +104,7 @@ class NashMTL(GradientWeighting):
         head_update="scaled",
         max_iters=50,
         epsilon=1e-6,
+        update_weights_every=1,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
@@ -98,9 +113,18 @@ class NashMTL(GradientWeighting):
                 f"epsilon must be > 0 (it keeps alpha finite where no bargaining "
                 f"solution exists), got {epsilon!r}."
             )
+        if int(update_weights_every) != update_weights_every or update_weights_every < 1:
+            raise ValueError(f"update_weights_every must be an integer >= 1, got {update_weights_every!r}.")
         self.max_norm = max_norm
         self.max_iters = int(max_iters)
         self.epsilon = float(epsilon)
+        self.update_weights_every = int(update_weights_every)
+
+    def build(self, num_tasks, task_names=None):
+        super().build(num_tasks, task_names)
+        if self.update_weights_every > 1:  # k = 1: no state, solvable on the host
+            self.last_alpha = self.add_state("last_alpha", (num_tasks,))
+            self.steps_since_solve = self.add_state("steps_since_solve", ())
 
     def _clip_factor(self, num_tasks):
         if not self.max_norm:
@@ -109,18 +133,48 @@ class NashMTL(GradientWeighting):
 
     def call(self, losses, gram=None, ops=keras.ops):
         gram = GramInput(gram, ops)
+        if self.update_weights_every == 1:
+            alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon)
+            return gram.finish(alpha * self._clip_factor(gram.num_tasks))
+        since = ops.convert_to_tensor(self.steps_since_solve)
+        last = ops.cast(ops.convert_to_tensor(self.last_alpha), gram.dtype)
+        # keras.ops.cond: one branch runs (jax.lax.cond, tf.cond, a Python if).
+        alpha, weights = keras.ops.cond(since < 0.5, lambda: self._solved(gram), lambda: self._reused(gram, last))
+        self.last_alpha.assign(ops.cast(ops.where(gram.finite, alpha, last), "float32"))
+        self.steps_since_solve.assign(ops.where(since + 1.0 >= self.update_weights_every, 0.0, since + 1.0))
+        return weights
+
+    def _solved(self, gram):
+        """alpha and the weights of a solve step (`update_weights_every` > 1)."""
         alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon)
-        return gram.finish(alpha * self._clip_factor(gram.num_tasks))
+        return alpha, gram.finish(alpha * self._clip_factor(gram.num_tasks))
+
+    def _reused(self, gram, alpha):
+        """The last alpha, clipped by the norm of its update with this M."""
+        ops = gram.ops
+        if not self.max_norm:
+            return alpha, gram.finish(alpha)
+        squared = nx.dot(alpha, nx.matvec(gram.unit, alpha, ops=ops), ops=ops) * gram.scale
+        norm = ops.sqrt(ops.maximum(squared, 0.0))
+        factor = ops.where(norm > self.max_norm, self.max_norm / ops.where(norm > 0, norm, 1.0), 1.0)
+        return alpha, gram.finish(alpha * factor)
 
     def head_weights(self, weights, ops=keras.ops):
         if self.head_update == "full":
             return ops.ones_like(weights)
+        if self.update_weights_every > 1 and self.num_tasks is not None:  # this step's unclipped alpha
+            return ops.cast(ops.convert_to_tensor(self.last_alpha), weights.dtype)
         return weights / self._clip_factor(weights.shape[-1])
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"max_norm": self.max_norm, "max_iters": self.max_iters, "epsilon": self.epsilon}
+            {
+                "max_norm": self.max_norm,
+                "max_iters": self.max_iters,
+                "epsilon": self.epsilon,
+                "update_weights_every": self.update_weights_every,
+            }
         )
         return config
 

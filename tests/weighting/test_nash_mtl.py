@@ -242,3 +242,100 @@ def test_agrees_with_torchjd(num_tasks, seed):
         else:
             measure("nash_torchjd_unconverged_residual", theirs)
             assert ours < theirs
+
+
+# ------------------------------------------------- update_weights_every
+
+
+def test_update_weights_every_options():
+    assert NashMTL().update_weights_every == 1
+    asserts.assert_config_round_trip(NashMTL, {"update_weights_every": 3})
+    for bad in (0, 1.5, -2):
+        with pytest.raises(ValueError, match="update_weights_every"):
+            NashMTL(update_weights_every=bad)
+    one = NashMTL()
+    one.build(3)
+    assert not one.variables and one.solvable_on_host  # k = 1: today's weighting, no state
+    every = NashMTL(update_weights_every=3)
+    every.build(3)
+    assert [v.name for v in every.variables] == ["last_alpha", "steps_since_solve"]
+    assert not every.solvable_on_host
+
+
+def reuse_clip(alpha, gram, max_norm=1.0):
+    """The authors' clipping of a reused alpha's update, in float64."""
+    norm = np.sqrt(alpha @ gram @ alpha)
+    return alpha * min(1.0, max_norm / norm)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_update_weights_every_solves_every_k_steps(every, max_norm):
+    """Steps 0, k, 2k, ... solve (the weights of a fresh k = 1 weighting on
+    that step's Gram matrix); the steps between reuse that alpha, clipped
+    by the norm of its update with their own Gram matrix (not clipped with
+    max_norm=0: the solved weights bit for bit); the heads get alpha."""
+    weighting = NashMTL(update_weights_every=every, max_norm=max_norm)
+    weighting.build(4)
+    for step in range(7):
+        gram = gram_of(gradients("random", 4, step))
+        weights = weigh(weighting, gram)
+        head = np.asarray(ops.convert_to_numpy(weighting.head_weights(ops.convert_to_tensor(weights))))
+        if step % every == 0:
+            np.testing.assert_allclose(weights, weigh(NashMTL(max_norm=max_norm), gram), rtol=1e-6, err_msg=str(step))
+            alpha = head.copy()
+            np.testing.assert_allclose(weights, alpha * min(1.0, max_norm / 2.0) if max_norm else alpha, rtol=1e-6)
+        elif max_norm:
+            np.testing.assert_array_equal(head, alpha)
+            np.testing.assert_allclose(weights, reuse_clip(alpha, gram), rtol=1e-5, err_msg=str(step))
+        else:
+            np.testing.assert_array_equal(weights, alpha)
+    assert float(ops.convert_to_numpy(weighting.steps_since_solve)) == 7 % every
+
+
+def test_update_weights_every_gives_nan_for_a_non_finite_gram_when_reusing():
+    weighting = NashMTL(update_weights_every=3)
+    weighting.build(3)
+    gram = gram_of(gradients("random", 3, 0))
+    weigh(weighting, gram)
+    gram[0, 1] = gram[1, 0] = np.nan
+    assert np.all(np.isnan(weigh(weighting, gram)))
+
+
+def test_update_weights_every_compiles_with_xla():
+    if BACKEND != "tensorflow":
+        pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
+    compiled, plain = NashMTL(update_weights_every=2), NashMTL(update_weights_every=2)
+    compiled.build(3)
+    plain.build(3)
+    for step in range(3):
+        gram = gram_of(gradients("random", 3, step))
+        np.testing.assert_allclose(weigh(compiled, gram, xla=True), weigh(plain, gram), rtol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torchjd is a torch library")
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_update_weights_every_agrees_with_torchjd(max_norm):
+    """torchjd's NashMTL(update_weights_every=3) over 7 steps: the same
+    schedule (solve at steps 0, 3, 6; reuse alpha between, clipped by its
+    update's norm at every step, as the authors) and, where its solver
+    converged, the same weights."""
+    torch = pytest.importorskip("torch")
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    theirs = aggregation.NashMTL(n_tasks=3, max_norm=max_norm, update_weights_every=3)
+    ours = NashMTL(max_norm=max_norm, update_weights_every=3)
+    ours.build(3)
+    converged = False
+    for step in range(7):
+        g = well_conditioned(3, step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cvxpy's warnings about ECOS
+            expected = theirs.weighting(torch.from_numpy(g)).numpy()
+        weights = weigh(ours, gram_of(g))
+        if step % 3 == 0:
+            alpha = theirs.weighting.prvs_alpha
+            converged = np.max(np.abs(alpha * (g @ g.T @ alpha) - 1.0)) <= 1e-4
+        if converged:
+            error = np.abs(weights - expected).max() / np.abs(expected).max()
+            measure(f"nash_every_vs_torchjd_max_norm_{max_norm}", error)
+            assert error <= 1e-5, (step, error)
