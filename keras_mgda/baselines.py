@@ -79,7 +79,8 @@ def grid_search(
         compile_kwargs: dict passed to `model.compile` (a fresh optimizer is
             made from it for each model: pass the optimizer by name or
             config, not an instance, or pass a function returning the dict).
-        x, y: training data, as for `fit`.
+        x: training inputs, as for `fit`.
+        y: training targets, as for `fit`.
         num_tasks: the number of tasks; by default the number of the
             model's outputs.
         steps: the grid resolution (see `simplex_grid`).

@@ -61,7 +61,8 @@ class SegmentationMeanIoU(keras.metrics.Metric):
     Args:
         num_classes: number of classes (19 for Cityscapes).
         ignore_class: label of pixels to ignore (255 for Cityscapes), or None.
-        name, dtype: as for `keras.metrics.Metric`.
+        name: the metric's name, as for `keras.metrics.Metric`.
+        dtype: its dtype, as for `keras.metrics.Metric`.
 
     Example:
 
@@ -184,7 +185,8 @@ class InstanceOffsetError(_MaskedMeanAbsoluteError):
     `mask = 1`, as the authors' L1 metric did.
 
     Args:
-        name, dtype: as for `keras.metrics.Metric`.
+        name: the metric's name, as for `keras.metrics.Metric`.
+        dtype: its dtype, as for `keras.metrics.Metric`.
 
     Example:
 
@@ -213,7 +215,8 @@ class DisparityError(_MaskedMeanAbsoluteError):
     `keras_mgda.datasets.cityscapes`).
 
     Args:
-        name, dtype: as for `keras.metrics.Metric`.
+        name: the metric's name, as for `keras.metrics.Metric`.
+        dtype: its dtype, as for `keras.metrics.Metric`.
 
     Example:
 
@@ -242,7 +245,8 @@ class BinaryErrorRate(keras.metrics.Metric):
         from_logits: whether `y_pred` holds logits (True, the default for
             `keras_mgda.models.celeba_resnet18`) or probabilities.
         threshold: decision threshold on the probability.
-        name, dtype: as for `keras.metrics.Metric`.
+        name: the metric's name, as for `keras.metrics.Metric`.
+        dtype: its dtype, as for `keras.metrics.Metric`.
 
     Example:
 

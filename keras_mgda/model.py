@@ -39,7 +39,8 @@ class MultiTaskModel(keras.Model):
     weight 1 (`<task>_alpha` = 1).
 
     Args:
-        inputs, outputs: as for `keras.Model`.
+        *args: `inputs, outputs` (and any other positional argument), as
+            for `keras.Model`.
         weighting: a `keras_mgda.weighting.Weighting`, or its name (see
             `keras_mgda.weighting.get`); default `keras_mgda.weighting.MGDA()`.
         shared: None to find the shared representation automatically, or the
@@ -288,11 +289,13 @@ class MGDAModel(MultiTaskModel):
     """A `MultiTaskModel` trained with MGDA-UB (Sener & Koltun, 2018).
 
     Args:
-        inputs, outputs: as for `keras.Model`.
-        normalization, mode, head_update, max_iters, tol, epsilon: options of
-            `keras_mgda.weighting.MGDA`.
-        shared, on_nonfinite: as for `MultiTaskModel`.
-        **kwargs: passed to `keras.Model`.
+        *args: `inputs, outputs`, as for `keras.Model`.
+        weighting: None for `keras_mgda.weighting.MGDA` with the options
+            below, or an `MGDA` instance.
+        **kwargs: `normalization`, `mode`, `head_update`, `max_iters`,
+            `tol`, `epsilon` (options of `keras_mgda.weighting.MGDA`);
+            `shared`, `on_nonfinite` (as for `MultiTaskModel`); the rest
+            passed to `keras.Model`.
 
     Example:
 
