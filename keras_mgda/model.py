@@ -209,6 +209,10 @@ class MultiTaskModel(keras.Model):
 
     def _build_weighting(self, plan):
         weighting = self.weighting
+        if getattr(weighting, "needs_gradient_shapes", False):
+            # State shaped like the per-task gradients (MoCo, ExcessMTL):
+            # the shapes must be known when it builds (checked if built).
+            weighting.set_gradient_shapes(plan.gradient_shapes)
         if not weighting.built:
             weighting.build(plan.num_tasks, plan.task_names)
         elif weighting.num_tasks != plan.num_tasks:

@@ -15,14 +15,15 @@ TASKS = ("reg", "cls", "bin")
 # from `keras_mgda.weighting.by_name()` must fail `test_every_method_is_listed`,
 # not go untested.
 METHODS = [
-    "AlignedMTL", "CAGrad", "CRMOGM", "DBMTL", "DTP", "DWA", "FAMO", "GLS", "GradNorm",
-    "IMTL", "IMTLG", "IMTLL", "LBTW", "MGDA", "NashMTL", "PCGrad", "RLW", "STCH",
+    "AlignedMTL", "CAGrad", "CRMOGM", "ConFIG", "DBMTL", "DTP", "DWA", "DualProj", "ExcessMTL",
+    "FAMO", "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac", "IMTL", "IMTLG", "IMTLL",
+    "LBTW", "MGDA", "MoCo", "NashMTL", "PCGrad", "RLW", "SDMGrad", "STCH",
     "ScaleInvariant", "Static", "UPGrad", "Uncertainty", "Uniform",
 ]
 # The methods whose state (learned, running or random) must survive saving.
 STATEFUL = [
-    "CRMOGM", "DBMTL", "DTP", "DWA", "FAMO", "GradNorm", "IMTL", "IMTLL", "LBTW",
-    "PCGrad", "RLW", "STCH", "Uncertainty",
+    "CRMOGM", "DBMTL", "DTP", "DWA", "ExcessMTL", "FAMO", "GradDrop", "GradNorm", "GradVac",
+    "IMTL", "IMTLL", "LBTW", "MoCo", "PCGrad", "RLW", "STCH", "Uncertainty",
 ]
 # Stateful options of a method, each saved, loaded and continued like STATEFUL.
 VARIANTS = {"NashMTL(update_weights_every=3)": lambda: km.weighting.NashMTL(update_weights_every=3)}
@@ -36,7 +37,7 @@ def _make(name):
     cls = getattr(km.weighting, name)
     if name == "Static":
         return cls({"reg": 0.5, "cls": 0.3, "bin": 0.2})
-    if name in ("PCGrad", "RLW"):  # seeded: two models must draw the same random numbers
+    if name in ("PCGrad", "RLW", "GradVac", "GradDrop"):  # seeded: two models must draw the same random numbers
         return cls(seed=5)
     if name == "CRMOGM":  # a stateful, random wrapped weighting: its state goes through the wrapper
         return cls(km.weighting.PCGrad(seed=5), alpha=0.8)

@@ -182,9 +182,14 @@ def _gram_matrix(plan, tape, z, jac_z, loss_scale):
     per_task = [tape.gradient(z, encoder_vars, output_gradients=g) for g in tf.unstack(jac_z)]
     # The global gradient of a shared weight is the sum of the replicas'
     # (pre-scaled) gradients: reduce before the products.
-    reached = [(v, per_var) for v, per_var in zip(encoder_vars, zip(*per_task)) if per_var[0] is not None]
-    jacobians = [_all_reduce_sum(tf.stack(per_var)) for _, per_var in reached]
-    return phases.gram(jacobians, loss_scale), jacobians, [v for v, _ in reached]
+    # (Zeros for a weight no task reaches, as torch and JAX give them: an
+    # aggregator's state has one entry per shared weight.)
+    jacobians = [
+        _all_reduce_sum(tf.stack(per_var)) if per_var[0] is not None
+        else tf.zeros((len(per_task),) + tuple(v.shape), v.dtype)
+        for v, per_var in zip(encoder_vars, zip(*per_task), strict=True)
+    ]
+    return phases.gram(jacobians, loss_scale), jacobians, encoder_vars
 
 
 def _encoder_gradients(model, plan, tape, z, jac_z, spaces, losses, gram):
@@ -324,7 +329,9 @@ def train_step(model, data):
     if plan.on_nonfinite == "raise":
         plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
     total = result.losses.total * _replicas()  # Keras pre-scales each replica's loss by 1/R
-    phases.update_metrics(model, plan, batch, result.y_pred, total, result.weights, decision.logged_ok)
+    phases.update_metrics(
+        model, plan, batch, result.y_pred, total, result.weights, decision.logged_ok, result.gram
+    )
     protected, _ = plan.backend_state
     _restore_unless(decision.step_ok, protected, saved)
     return phases.train_logs(model, plan, decision.step_ok)

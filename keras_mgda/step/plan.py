@@ -104,6 +104,18 @@ class StepPlan:
         shared weights (exact MGDA) rather than Z."""
         return self.needs_gram and self.weighting.gradient_space == "parameters"
 
+    @property
+    def gradient_shapes(self) -> list:
+        """The shapes of one task's gradient in the weighting's space, one
+        per tensor an aggregator receives: the shared weights' shapes
+        (parameters mode), or Z's with None for the batch axis (none for a
+        model with a single output)."""
+        if self.split.encoder is None:
+            return []
+        if self.weighting.gradient_space == "parameters":
+            return [tuple(v.shape) for v in self.split.encoder.trainable_variables]
+        return [tuple(self.split.shared_tensor.shape)]
+
     def _cached(self, key, make):
         if key not in self._cache:
             self._cache[key] = make()

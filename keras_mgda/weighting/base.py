@@ -303,6 +303,7 @@ _ALIASES = {
     "geometricmean": "gls",
     "random": "rlw",
     "si": "scaleinvariant",
+    "conflictfree": "config",
 }
 
 
