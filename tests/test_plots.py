@@ -95,3 +95,100 @@ def test_summarize_and_errors():
         km.plots.accuracy_profile(_results(), tasks=("left",))
     with pytest.raises(ValueError, match="selection"):
         km.plots.summarize(_results(), selection="best")
+
+
+# Training figures and callbacks ----------------------------------------------
+
+
+def _two_task_model(weighting="mgda"):
+    import keras
+
+    import keras_mgda as km
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6,))
+    z = keras.layers.Dense(8, activation="tanh")(x)
+    outputs = {"a": keras.layers.Dense(1, name="a")(z), "b": keras.layers.Dense(1, name="b")(z)}
+    model = km.MultiTaskModel(x, outputs, weighting=km.weighting.MGDA(normalization="none")
+                              if weighting == "mgda" else weighting)
+    model.compile("sgd", loss={"a": "mse", "b": "mse"})
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(32, 6)).astype("float32")
+    return model, xs, {"a": xs[:, :1], "b": -xs[:, :1] + 0.1 * xs[:, 1:2]}
+
+
+def test_task_weights_draws_one_line_per_task_from_history_and_csv(tmp_path):
+    import keras
+
+    from keras_mgda import plots
+
+    model, x, y = _two_task_model()
+    csv = tmp_path / "history.csv"
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[keras.callbacks.CSVLogger(str(csv))])
+    for source in (history, history.history, str(csv)):
+        ax = plots.task_weights(source).axes[0]
+        assert [line.get_label() for line in ax.lines] == ["a", "b"]
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), history.history["a_alpha"], rtol=1e-6)
+        assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+        assert ax.get_xlabel() == "epoch"
+    with pytest.raises(ValueError, match="_alpha"):
+        plots.task_weights({"loss": [1.0]})
+
+
+def test_radar_closes_one_line_per_method():
+    from keras_mgda import plots
+
+    scores = {"MGDA-UB": {"s": 0.1, "m": 0.02, "y": 0.12}, "uniform": {"s": 0.2, "m": 0.03, "y": 0.1}}
+    ax = plots.radar(scores, percent=True).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["MGDA-UB", "uniform"]
+    radii = ax.lines[0].get_ydata()
+    np.testing.assert_allclose(radii, [10.0, 2.0, 12.0, 10.0])  # closed: back to the first
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["s", "m", "y"]
+    with pytest.raises(ValueError, match="no score"):
+        plots.radar({"a": {"s": 1.0}}, tasks=["s", "m"])
+
+
+def test_cosine_matrix_and_heatmap():
+    from keras_mgda import plots
+
+    g = np.array([[1.0, 0.0], [-1.0, 1.0], [0.0, 0.0]])
+    cosine = plots.cosine_matrix(g @ g.T)
+    np.testing.assert_allclose(cosine, [[1, -np.sqrt(0.5), 0], [-np.sqrt(0.5), 1, 0], [0, 0, 1]], atol=1e-12)
+    figure = plots.conflict_heatmap(g @ g.T, ["a", "b", "c"])
+    image = figure.axes[0].images[0]
+    np.testing.assert_allclose(image.get_array(), cosine)
+    assert image.get_clim() == (-1.0, 1.0)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a", "b", "c"]
+
+
+def test_gram_recorder_keeps_the_step_gram_matrix():
+    """The recorded matrix is the one the step solved: MGDA's weights from
+    it are the logged weights (one step per epoch)."""
+    import keras_mgda as km
+
+    model, x, y = _two_task_model()
+    recorder = km.callbacks.GramRecorder(every_n_steps=1)
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[recorder])
+    assert recorder.steps == [1, 2] and recorder.task_names == ["a", "b"]
+    for gram, a, b in zip(recorder.grams, history.history["a_alpha"], history.history["b_alpha"], strict=True):
+        assert gram.shape == (2, 2) and np.allclose(gram, gram.T) and np.all(np.diag(gram) > 0)
+        np.testing.assert_allclose(np.asarray(km.solvers.min_norm(gram)), [a, b], rtol=1e-4, atol=1e-6)
+    loss_based, x, y = _two_task_model("uniform")
+    with pytest.raises(ValueError, match="computes none"):
+        loss_based.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[km.callbacks.GramRecorder(1)])
+
+
+def test_task_tensorboard_writes_weights_and_the_conflict_image(tmp_path):
+    pytest.importorskip("tensorflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import keras_mgda as km
+
+    model, x, y = _two_task_model()
+    callback = km.callbacks.TaskTensorBoard(str(tmp_path), every_n_steps=1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    events = EventAccumulator(str(tmp_path / "train"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"task_weights/a", "task_weights/b"} <= set(tags["tensors"]) | set(tags["scalars"])
+    assert "task_conflict" in set(tags["tensors"]) | set(tags["images"])

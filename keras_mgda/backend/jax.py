@@ -376,7 +376,7 @@ def _metrics_after(model, plan, batch, result, decision, old_metrics):
     mapping = list(zip(scope.metrics, result.metrics))
     with keras.StatelessScope(state_mapping=mapping) as stateless:
         phases.update_metrics(
-            model, plan, batch, result.y_pred, result.total, result.weights, decision.logged_ok
+            model, plan, batch, result.y_pred, result.total, result.weights, decision.logged_ok, result.gram
         )
         if plan.on_nonfinite == "raise":
             plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)

@@ -344,7 +344,8 @@ def _take_step(model, plan, batch, tensors):
             plan.weighting.after_update(constants.to(new_losses.device), new_losses)
     weights = result.weights.detach()
     phases.update_metrics(
-        model, plan, batch, result.y_pred, result.losses.total, weights, bool(decision.logged_ok)
+        model, plan, batch, result.y_pred, result.losses.total, weights, bool(decision.logged_ok),
+        result.host[1],
     )
     return True
 

@@ -1,9 +1,6 @@
-"""Figures of multi-task results, drawn with matplotlib.
-
-matplotlib is imported when a figure is drawn, not when `keras_mgda` is
-imported, so the package imports without it (`pip install
-'keras-mgda[plots]'` adds it).
-"""
+"""The accuracy profile of Sener & Koltun's Figures 3 and 4: one task's
+accuracy against another's, one marker per method, the static-weight grid
+as a curve."""
 
 import math
 from collections.abc import Iterable
@@ -11,6 +8,8 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
+
+from keras_mgda.plots._matplotlib import pyplot
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -175,7 +174,7 @@ def accuracy_profile(
     figure.savefig("multi_mnist_profile.png", dpi=150)
     ```
     """
-    plt = _pyplot()
+    plt = pyplot()
     if len(tasks) != 2:
         raise ValueError(f"accuracy_profile plots two tasks; received tasks={tasks!r}.")
     summary = summarize(results, tasks, selection)
@@ -198,16 +197,6 @@ def accuracy_profile(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     return figure
-
-
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "keras_mgda.plots needs matplotlib: pip install 'keras-mgda[plots]'."
-        ) from error
-    return plt
 
 
 def _draw_summary(ax, summary, scale):

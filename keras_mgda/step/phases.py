@@ -347,13 +347,17 @@ def update_metrics(
     total_loss: Tensor,
     weights: Tensor,
     logged_ok: Tensor | bool,
+    gram: Tensor | None = None,
 ) -> None:
-    """Updates the loss tracker, the task weights and the compiled metrics
-    (their results are computed once, in `train_logs`)."""
+    """Updates the loss tracker, the task weights (and the last Gram
+    matrix) and the compiled metrics (their results are computed once, in
+    `train_logs`)."""
     _keras.loss_tracker(model).update_state(
         total_loss, sample_weight=_batch_size(batch.x)
     )
     plan.trackers.alpha.update_state(weights, logged_ok)
+    if gram is not None:
+        plan.trackers.gram.update_state(gram)
     if type(model).compute_metrics is not keras.Model.compute_metrics:
         model.compute_metrics(batch.x, batch.y, y_pred, sample_weight=batch.sample_weight)
     elif _keras.compile_metrics(model) is not None:

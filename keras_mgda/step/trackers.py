@@ -3,14 +3,15 @@ weight, the count of skipped steps, and the first non-finite task."""
 
 import collections
 from collections.abc import Iterable
+from typing import Any
 
 import keras
 
 from keras_mgda.types import Tensor
 
-__all__ = ["FirstNonfiniteTask", "TaskWeightsMean", "Trackers", "make_trackers"]
+__all__ = ["FirstNonfiniteTask", "LastGram", "TaskWeightsMean", "Trackers", "make_trackers"]
 
-Trackers = collections.namedtuple("Trackers", ["alpha", "skipped", "nonfinite"])
+Trackers = collections.namedtuple("Trackers", ["alpha", "skipped", "nonfinite", "gram"])
 
 
 class TaskWeightsMean(keras.metrics.Metric):
@@ -92,10 +93,38 @@ class FirstNonfiniteTask(keras.metrics.Metric):
         return {}
 
 
+class LastGram(keras.metrics.Metric):
+    """The Gram matrix of the last taken step's per-task gradients (zeros
+    before one, and for weightings that need none), for
+    `keras_mgda.callbacks.GramRecorder`. Logs nothing.
+
+    Args:
+        num_tasks: T.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(name="last_gram", dtype="float32")
+        self.gram = self.add_variable(
+            shape=(num_tasks, num_tasks),
+            initializer="zeros",
+            dtype=self.dtype,
+            aggregation="only_first_replica",
+            name="gram",
+        )
+
+    def update_state(self, gram: Any) -> None:
+        self.gram.assign(keras.ops.cast(gram, self.dtype))
+
+    def result(self) -> dict:
+        return {}
+
+
 def make_trackers(task_names: Iterable[str]) -> Trackers:
-    """The three trackers for a compiled set of tasks."""
+    """The trackers for a compiled set of tasks."""
+    task_names = list(task_names)
     return Trackers(
         alpha=TaskWeightsMean(task_names),
         skipped=keras.metrics.Sum(name="skipped_steps"),
         nonfinite=FirstNonfiniteTask(),
+        gram=LastGram(len(task_names)),
     )
