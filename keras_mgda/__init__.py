@@ -4,6 +4,7 @@ MGDA-UB (Sener & Koltun, NeurIPS 2018) and other loss-balancing methods as a
 drop-in `keras.Model`, on TensorFlow, JAX and PyTorch.
 """
 
+from keras_mgda import callbacks
 from keras_mgda import datasets
 from keras_mgda import metrics
 from keras_mgda import models
@@ -18,6 +19,7 @@ from keras_mgda.model import MGDAModel
 from keras_mgda.model import MultiTaskModel
 
 __all__ = [
+    "callbacks",
     "datasets",
     "grid_search",
     "metrics",
