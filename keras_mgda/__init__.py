@@ -8,6 +8,7 @@ from keras_mgda import callbacks
 from keras_mgda import datasets
 from keras_mgda import metrics
 from keras_mgda import models
+from keras_mgda import pareto
 from keras_mgda import plots
 from keras_mgda import solvers
 from keras_mgda import weighting
@@ -26,6 +27,7 @@ __all__ = [
     "MGDAModel",
     "models",
     "MultiTaskModel",
+    "pareto",
     "plots",
     "simplex_grid",
     "single_task_model",

@@ -13,25 +13,6 @@ LEARNING_RATE = 0.1
 NORMALIZATIONS = ["l2", "loss", "loss+", "none"]
 
 
-@pytest.fixture
-def float64():
-    """Runs the model in float64, so that what is compared is the algorithm
-    and not float32 rounding (float32 is checked separately)."""
-    previous, previous_policy = keras.config.floatx(), keras.config.dtype_policy()
-    if keras.backend.backend() == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-    # The dtype policy is fixed once a layer exists: set it too.
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_dtype_policy(previous_policy)
-    keras.config.set_floatx(previous)
-    if keras.backend.backend() == "jax":
-        jax.config.update("jax_enable_x64", False)
-
-
 def _build(weighting, seed=0, loss_weights=None):
     rng = np.random.default_rng(seed)
     x = keras.Input((6,), name="x")

@@ -6,7 +6,14 @@ Nothing else in keras_mgda imports tensorflow, jax or torch.
 
 import keras
 
-__all__ = ["prepare_plan", "train_step", "wrap_train_function"]
+__all__ = [
+    "hessian_solve",
+    "hessian_vector_product",
+    "prepare_plan",
+    "task_gradients",
+    "train_step",
+    "wrap_train_function",
+]
 
 
 def _impl():
@@ -44,3 +51,57 @@ def prepare_plan(plan, model):
     prepare = getattr(_impl(), "prepare_plan", None)
     if prepare is not None:
         prepare(plan, model)
+
+
+def task_gradients(model, variables, batch):
+    """Per-task losses (T,) of `batch` and their gradients with respect to
+    `variables` (a list per task, shaped like `variables`), in inference
+    mode, changing no variable or metric."""
+    return _impl_hvp().task_gradients(model, variables, batch)
+
+
+def hessian_vector_product(model, variables, batch, coefficients, vectors):
+    """The exact product of the Hessian of sum_t coefficients_t L_t (with
+    respect to `variables`, in inference mode) with `vectors`, a list shaped
+    like `variables`; changes no variable or metric."""
+    return _impl_hvp().hessian_vector_product(model, variables, batch, coefficients, vectors)
+
+
+def hessian_solve(model, variables, batches, shares, coefficients, rhs, solve, **options):
+    """`solve(operator, rhs, **options)` for the full-data Hessian operator
+    v -> sum_b shares_b H_b v, H_b the Hessian of sum_t coefficients_t L_t
+    on `batches[b]`. JAX compiles the whole solve into one function (its
+    `ops.while_loop` would otherwise be traced and compiled again at every
+    call); elsewhere the solver's loop runs eagerly around compiled
+    Hessian-vector products.
+
+    Returns:
+        What `solve` returns.
+    """
+    impl = _impl_hvp()
+    if hasattr(impl, "hessian_solve"):
+        return impl.hessian_solve(model, variables, batches, shares, coefficients, rhs, solve, **options)
+
+    def operator(vectors):
+        total = None
+        for batch, share in zip(batches, shares, strict=True):
+            part = impl.hessian_vector_product(model, variables, batch, coefficients, vectors)
+            part = [share * p for p in part]
+            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+        return total
+
+    return solve(operator, rhs, **options)
+
+
+def _impl_hvp():
+    # Separate modules from the train steps: the second-order primitives
+    # import nothing the steps need, and the steps nothing of theirs.
+    name = keras.backend.backend()
+    _impl()  # the same error for an unsupported backend
+    if name == "tensorflow":
+        from keras_mgda.backend import tensorflow_hvp as impl
+    elif name == "jax":
+        from keras_mgda.backend import jax_hvp as impl
+    else:
+        from keras_mgda.backend import torch_hvp as impl
+    return impl

@@ -1,0 +1,297 @@
+"""Continuous Pareto exploration (Ma, Du & Matusik, "Efficient Continuous
+Pareto Exploration in Multi-Task Learning", ICML 2020).
+
+At a Pareto-stationary point x with MGDA weights alpha (sum_i alpha_i
+grad f_i(x) = 0), differentiating that condition along a curve of such
+points gives H dx = -J^T d(alpha), with H = sum_i alpha_i hess f_i and J the
+task gradients. Solving
+
+    (H + damping I) v = J^T beta
+
+and stepping x <- x - step_size * v / ||v|| moves along the Pareto set to
+first order with d(alpha) = beta: for beta = e_i, task i's loss changes by
+-(J H^-1 J^T)_ii < 0 per unit step, so it goes down. H is never formed:
+MINRES runs on exact Hessian-vector products (`keras_mgda.backend`). As in
+the authors' code (`pareto/optim/kkt_solver.py`): full-data gradients, the
+min-norm alpha of the raw gradients, v normalised, damping 0.1, at most 50
+MINRES iterations, tolerance 1e-5, step size 0.1, 10 steps per direction.
+Unlike it, the Hessian-vector products are full-data averages too (theirs
+use one mini-batch of 2048 per solve), MINRES starts from 0 (theirs from
+-mean_i grad f_i), and optional correction steps (plain MGDA steps, the
+paper's Section 4.2) pull each new point back towards the Pareto set.
+"""
+
+import time
+
+import keras
+import numpy as np
+
+from keras_mgda import backend as mtl_backend
+from keras_mgda import solvers
+from keras_mgda.backend import numpy_ops
+from keras_mgda.pareto import _data
+from keras_mgda.pareto.front import ParetoFront
+from keras_mgda.pareto.minres import minres
+from keras_mgda.pareto.scipy_minres import scipy_minres
+
+__all__ = ["DEFAULT_SOLVER", "SOLVERS", "explore"]
+
+SOLVERS = ("keras", "scipy")
+# The faster of the two on CPU (benchmarks/pareto_solvers.py, docs/pareto.md).
+DEFAULT_SOLVER = "keras"
+TRAINABLE = ("all", "shared")
+
+
+class _Run:
+    """One exploration: the model, what moves, the data, and the costs."""
+
+    def __init__(self, model, variables, data, options):
+        self.model = model
+        self.variables = variables
+        self.data = data
+        self.options = options
+        self.cost = {
+            "gradient_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
+            "minres_iterations": [], "examples": data.count, "seconds": 0.0,
+        }
+
+    def gradients(self):
+        """Full-data task losses (T,) and task gradients (T lists)."""
+        total, losses = None, 0.0
+        for batch, share in zip(self.data.batches, self.data.weights(), strict=True):
+            batch_losses, grads = mtl_backend.task_gradients(self.model, self.variables, batch)
+            losses = losses + share * keras.ops.convert_to_numpy(batch_losses).astype(np.float64)
+            scaled = [[share * g for g in task] for task in grads]
+            total = scaled if total is None else [
+                [a + b for a, b in zip(ta, tb, strict=True)] for ta, tb in zip(total, scaled, strict=True)
+            ]
+        self.cost["gradient_passes"] += 1
+        return losses, total
+
+    def hessian_product(self, alpha):
+        """v -> the full-data average of H v, H the Hessian of sum alpha_i f_i."""
+        pairs = list(zip(self.data.batches, self.data.weights(), strict=True))
+
+        def product(vectors):
+            out = None
+            for batch, share in pairs:
+                part = mtl_backend.hessian_vector_product(self.model, self.variables, batch, alpha, vectors)
+                part = [share * p for p in part]
+                out = part if out is None else [a + b for a, b in zip(out, part, strict=True)]
+            return out
+
+        return product
+
+    def direction(self, grads, beta):
+        """MINRES's solution v of (H + damping I) v = J^T beta at this point."""
+        alpha = _min_norm_weights(grads)
+        options = self.options
+        rhs = _combination(beta, grads)
+        settings = dict(damping=options["damping"], max_iters=options["minres_iters"], tol=options["tol"])
+        if options["solver"] == "scipy":
+            v, iterations, _ = scipy_minres(self.hessian_product(alpha), rhs, **settings)
+        else:
+            data = self.data
+            v, iterations, _ = mtl_backend.hessian_solve(
+                self.model, self.variables, data.batches, data.weights(), alpha, rhs, minres, **settings
+            )
+        iterations = int(keras.ops.convert_to_numpy(iterations))
+        self.cost["minres_iterations"].append(iterations)
+        self.cost["hvp_passes"] += iterations
+        return v
+
+    def move(self, vectors, scale):
+        """x <- x - scale * vectors."""
+        for variable, vector in zip(self.variables, vectors, strict=True):
+            variable.assign(variable - keras.ops.cast(scale, variable.dtype) * keras.ops.cast(vector, variable.dtype))
+
+    def correct(self):
+        """MGDA steps back towards the Pareto set: x <- x - lr * J^T alpha."""
+        lr = self.options["correction_step_size"]
+        for _ in range(self.options["correction_steps"]):
+            _, grads = self.gradients()
+            self.move(_combination(_min_norm_weights(grads), grads), lr)
+
+    def evaluate(self, plan):
+        """The point's task losses (with `loss_weights`) and `evaluate`'s
+        metrics, on the exploration's data."""
+        x, y, batch_size = self.data.source
+        metrics = self.model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+        self.cost["evaluation_passes"] += 1
+        losses = [metrics[f"{name}_loss"] * w for name, w in zip(plan.task_names, plan.loss_weights, strict=True)]
+        return np.asarray(losses, np.float64), {k: float(v) for k, v in metrics.items()}
+
+
+def _gram(grads):
+    """The (T, T) Gram matrix of the task gradients, float64 on the host."""
+    gram = 0.0
+    for k in range(len(grads[0])):
+        flat = keras.ops.stack([keras.ops.reshape(task[k], (-1,)) for task in grads])
+        flat = keras.ops.cast(flat, "float32")
+        gram = gram + keras.ops.convert_to_numpy(keras.ops.matmul(flat, keras.ops.transpose(flat)))
+    return np.asarray(gram, np.float64)
+
+
+def _min_norm_weights(grads):
+    # The raw gradients' Gram matrix, as in the KKT condition the
+    # exploration follows (no normalisation).
+    return np.asarray(solvers.min_norm(_gram(grads), ops=numpy_ops), np.float32)
+
+
+def _combination(weights, grads):
+    """sum_t weights_t * grads_t, per variable."""
+    weights = [float(w) for w in weights]
+    return [sum(w * task[k] for w, task in zip(weights, grads, strict=True)) for k in range(len(grads[0]))]
+
+
+def _norm(vectors):
+    return float(np.sqrt(sum(float(keras.ops.sum(v * v)) for v in vectors)))
+
+
+def _variables(model, trainable):
+    if trainable == "all":
+        return list(model.trainable_variables)
+    if trainable == "shared":
+        if model.encoder is None:
+            raise ValueError("trainable='shared' needs a model with a shared representation (several outputs).")
+        return list(model.encoder.trainable_variables)
+    raise ValueError(f"Unknown trainable={trainable!r}; use one of {TRAINABLE}.")
+
+
+def _directions(directions, num_tasks):
+    if directions is None:
+        return np.eye(num_tasks, dtype=np.float32)
+    directions = np.atleast_2d(np.asarray(directions, np.float32))
+    if directions.shape[1] != num_tasks:
+        raise ValueError(f"directions must be (K, {num_tasks}), one beta per row; got shape {directions.shape}.")
+    return directions
+
+
+def _check(model, plan, options):
+    if plan.num_tasks < 2:
+        raise ValueError("Pareto exploration needs at least two tasks (outputs compiled with a loss).")
+    if options["solver"] not in SOLVERS:
+        raise ValueError(f"Unknown solver={options['solver']!r}; use one of {SOLVERS}.")
+    for name in ("step_size", "correction_step_size", "tol"):
+        if not options[name] > 0:
+            raise ValueError(f"{name} must be positive; got {options[name]!r}.")
+    if options["damping"] < 0 or options["minres_iters"] < 1 or options["steps"] < 1:
+        raise ValueError("damping must be >= 0, and minres_iters and steps >= 1.")
+
+
+def _walk(run, plan, beta, start, on_point):
+    """Takes the steps along one direction from the start point."""
+    options = run.options
+    grads = start
+    for step in range(options["steps"]):
+        v = run.direction(grads, beta)
+        norm = _norm(v)
+        if not np.isfinite(norm) or norm == 0.0:
+            raise FloatingPointError(
+                f"The exploration direction is {'zero' if norm == 0 else 'not finite'} at step {step} of "
+                f"beta={beta.tolist()}; raise `damping` or check the losses."
+            )
+        run.move(v, options["step_size"] / norm)
+        run.correct()
+        if step + 1 < options["steps"]:  # the last point needs no gradients
+            _, grads = run.gradients()
+        on_point(step + 1, *run.evaluate(plan))
+
+
+def explore(
+    model,
+    x,
+    y=None,
+    *,
+    directions=None,
+    steps=10,
+    step_size=0.1,
+    correction_steps=0,
+    correction_step_size=None,
+    minres_iters=50,
+    tol=1e-5,
+    damping=0.1,
+    batch_size=None,
+    trainable="all",
+    solver=DEFAULT_SOLVER,
+    verbose="auto",
+):
+    """Traces the Pareto set of a trained multi-task model from its point.
+
+    From the model's weights x0 (ideally Pareto-stationary, e.g. trained
+    with MGDA), for each direction beta: `steps` times, compute the
+    full-data task gradients J and their min-norm weights alpha, solve
+    (H + damping I) v = J^T beta by MINRES on Hessian-vector products of
+    H = sum_i alpha_i hess f_i, and step x <- x - step_size * v / ||v||
+    (beta = e_i lowers task i), then take `correction_steps` MGDA steps.
+    Gradients and Hessian-vector products are averages over all of `x`,
+    computed in batches, in inference mode (BatchNorm's moving statistics,
+    no dropout). The objectives are the compiled task losses with their
+    `loss_weights` (no regularisation terms). The model is left at x0.
+
+    Args:
+        model: a compiled `keras_mgda.MultiTaskModel` with at least 2 tasks.
+        x: the data, as for `fit`: arrays (with `y`), or a batched
+            `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)`.
+        y: the targets, with array `x`.
+        directions: (K, T) array, one beta per row; default one per task
+            (the rows of the identity).
+        steps: steps per direction (10, as the authors).
+        step_size: length of each step in weight space (0.1).
+        correction_steps: MGDA steps after each exploration step (0).
+        correction_step_size: learning rate of those steps (`step_size`).
+        minres_iters: MINRES iterations per solve, at most (50).
+        tol: MINRES's relative residual tolerance (1e-5).
+        damping: added to H's diagonal (0.1): H is singular or indefinite
+            in most directions of a network's weight space.
+        batch_size: batch size for arrays (default 1024).
+        trainable: `"all"` (every trainable weight moves) or `"shared"`
+            (only the encoder's, up to Z; the heads stay fixed).
+        solver: `"keras"` (MINRES in `keras.ops`, the default: faster on
+            CPU, see docs/pareto.md) or `"scipy"` (SciPy's MINRES on the host).
+        verbose: 0 silences the progress bar; `"auto"` or 1 shows it.
+
+    Returns:
+        A `ParetoFront`: point 0 is the start, then `steps` points per
+        direction in order.
+
+    Example:
+
+    ```python
+    model.fit(x_train, y_train, epochs=10)  # an MGDAModel
+    front = keras_mgda.pareto.explore(model, x_val, y_val, steps=5)
+    front.losses          # (1 + 5 K, T)
+    front.restore(3)      # the model at point 3
+    front.plot()
+    ```
+    """
+    started = time.perf_counter()
+    data = _data.as_data(x, y, batch_size)
+    plan = model.step_plan_for(tuple(data.batches[0]))
+    options = dict(
+        steps=int(steps), step_size=step_size, correction_steps=int(correction_steps),
+        correction_step_size=step_size if correction_step_size is None else correction_step_size,
+        minres_iters=int(minres_iters), tol=tol, damping=damping, solver=solver,
+    )
+    _check(model, plan, options)
+    betas = _directions(directions, plan.num_tasks)
+    run = _Run(model, _variables(model, trainable), data, options)
+    start_weights = model.get_weights()
+    front = ParetoFront(plan.task_names, betas, model=model)
+    front.add(*run.evaluate(plan), start_weights, direction=-1, step=0)
+    _, start_grads = run.gradients()
+    bar = keras.utils.Progbar(len(betas) * options["steps"], verbose=0 if verbose == 0 else 1, unit_name="step")
+    try:
+        for k, beta in enumerate(betas):
+            model.set_weights(start_weights)
+
+            def on_point(step, losses, metrics, k=k):
+                front.add(losses, metrics, model.get_weights(), direction=k, step=step)
+                bar.add(1, [(f"{name}_loss", value) for name, value in zip(plan.task_names, losses)])
+
+            _walk(run, plan, beta, start_grads, on_point)
+    finally:
+        model.set_weights(start_weights)
+    run.cost["seconds"] = time.perf_counter() - started
+    front.cost = run.cost
+    return front
