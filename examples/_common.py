@@ -201,6 +201,7 @@ def run(
             task: float(history.history[f"{task}_alpha"][-1])
             for task in tasks if f"{task}_alpha" in history.history
         }
+        save_weights_plot(history, args.output)
     results["train_and_test_seconds"] = round(time.time() - start, 1)
     if summary is not None:
         results.update(summary(results["scores"]))
@@ -224,6 +225,24 @@ def run(
     print(json.dumps(shown, indent=2))
     print(f"wrote {path}")
     return results
+
+
+def save_weights_plot(history, output):
+    """The task weights over training (`keras_mgda.plots.task_weights`) as
+    task_weights.png beside the results; skipped without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no task_weights.png")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = km.plots.task_weights(history)
+    path = os.path.join(output, "task_weights.png")
+    figure.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    print(f"wrote {path}")
 
 
 def _only(task):

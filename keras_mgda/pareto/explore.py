@@ -198,6 +198,25 @@ def _walk(run, plan, beta, start, on_point):
         on_point(step + 1, *run.evaluate(plan))
 
 
+def _trace(run, plan, betas, front, start_weights, verbose):
+    """Walks every direction from the start, adding each point to `front`;
+    leaves the model at the start, also when a step fails."""
+    model = run.model
+    _, start_grads = run.gradients()
+    bar = keras.utils.Progbar(len(betas) * run.options["steps"], verbose=0 if verbose == 0 else 1, unit_name="step")
+    try:
+        for k, beta in enumerate(betas):
+            model.set_weights(start_weights)
+
+            def on_point(step, losses, metrics, k=k):
+                front.add(losses, metrics, model.get_weights(), direction=k, step=step)
+                bar.add(1, [(f"{name}_loss", value) for name, value in zip(plan.task_names, losses)])
+
+            _walk(run, plan, beta, start_grads, on_point)
+    finally:
+        model.set_weights(start_weights)
+
+
 def explore(
     model,
     x,
@@ -218,16 +237,12 @@ def explore(
 ):
     """Traces the Pareto set of a trained multi-task model from its point.
 
-    From the model's weights x0 (ideally Pareto-stationary, e.g. trained
-    with MGDA), for each direction beta: `steps` times, compute the
-    full-data task gradients J and their min-norm weights alpha, solve
-    (H + damping I) v = J^T beta by MINRES on Hessian-vector products of
-    H = sum_i alpha_i hess f_i, and step x <- x - step_size * v / ||v||
-    (beta = e_i lowers task i), then take `correction_steps` MGDA steps.
-    Gradients and Hessian-vector products are averages over all of `x`,
-    computed in batches, in inference mode (BatchNorm's moving statistics,
-    no dropout). The objectives are the compiled task losses with their
-    `loss_weights` (no regularisation terms). The model is left at x0.
+    Per direction beta, `steps` times: full-data task gradients J, their
+    min-norm weights alpha, MINRES on (H + damping I) v = J^T beta with H
+    the Hessian of sum_i alpha_i f_i, the step x <- x - step_size v / |v|
+    (beta = e_i lowers task i), then `correction_steps` MGDA steps. All in
+    inference mode, on the compiled task losses with their `loss_weights`;
+    the model is left at its starting weights.
 
     Args:
         model: a compiled `keras_mgda.MultiTaskModel` with at least 2 tasks.
@@ -260,9 +275,7 @@ def explore(
     ```python
     model.fit(x_train, y_train, epochs=10)  # an MGDAModel
     front = keras_mgda.pareto.explore(model, x_val, y_val, steps=5)
-    front.losses          # (1 + 5 K, T)
-    front.restore(3)      # the model at point 3
-    front.plot()
+    front.restore(3)  # the model at point 3; front.losses is (1 + 5 K, T)
     ```
     """
     started = time.perf_counter()
@@ -279,19 +292,7 @@ def explore(
     start_weights = model.get_weights()
     front = ParetoFront(plan.task_names, betas, model=model)
     front.add(*run.evaluate(plan), start_weights, direction=-1, step=0)
-    _, start_grads = run.gradients()
-    bar = keras.utils.Progbar(len(betas) * options["steps"], verbose=0 if verbose == 0 else 1, unit_name="step")
-    try:
-        for k, beta in enumerate(betas):
-            model.set_weights(start_weights)
-
-            def on_point(step, losses, metrics, k=k):
-                front.add(losses, metrics, model.get_weights(), direction=k, step=step)
-                bar.add(1, [(f"{name}_loss", value) for name, value in zip(plan.task_names, losses)])
-
-            _walk(run, plan, beta, start_grads, on_point)
-    finally:
-        model.set_weights(start_weights)
+    _trace(run, plan, betas, front, start_weights, verbose)
     run.cost["seconds"] = time.perf_counter() - started
     front.cost = run.cost
     return front
