@@ -10,6 +10,10 @@ python -m pip install --quiet -e ".[tensorflow,jax,test]" "torch==2.13.0"
 echo "=== ruff check ==="
 status=0
 python -m ruff check . || status=1
+# The documentation site, strict: a broken link, a missing page or a
+# docstring that does not render fails the build (site/ is ignored).
+echo "=== mkdocs build --strict ==="
+KERAS_BACKEND=torch python -m mkdocs build --strict --quiet || status=1
 for backend in $BACKENDS; do
   echo "=== KERAS_BACKEND=$backend ==="
   KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@" || status=1
