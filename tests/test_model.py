@@ -214,7 +214,7 @@ def test_one_task_model_trains_exactly_as_plain_keras(weighting):
     assert histories[0]["a_alpha"] == [1.0, 1.0]
     assert ours.encoder is None and ours.heads is None
     for a, b in zip(model_weights(ours), model_weights(plain), strict=True):
-        if keras.backend.backend() == "tensorflow":
+        if keras.backend.backend() in ("tensorflow", "jax"):  # XLA may fuse the two compiled steps differently: ulps
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         else:
             np.testing.assert_array_equal(a, b)
