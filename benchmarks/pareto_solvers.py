@@ -78,10 +78,7 @@ def _solve_once(model, batches, shares, solver, iters):
     settings = dict(damping=0.1, max_iters=iters, tol=1e-30)
     started = time.perf_counter()
     if solver == "scipy":
-        def operator(vectors):
-            parts = [mtl_backend.hessian_vector_product(model, variables, b, alpha, vectors) for b in batches]
-            return [sum(s * p[k] for s, p in zip(shares, parts)) for k in range(len(variables))]
-
+        operator = mtl_backend.averaged_hvp(model, variables, batches, shares, alpha)
         v, done, _ = km.pareto.scipy_minres(operator, rhs, **settings)
     else:
         v, done, _ = mtl_backend.hessian_solve(model, variables, batches, shares, alpha, rhs, km.pareto.minres,

@@ -7,6 +7,7 @@ Nothing else in keras_mgda imports tensorflow, jax or torch.
 import keras
 
 __all__ = [
+    "averaged_hvp",
     "hessian_solve",
     "hessian_vector_product",
     "prepare_plan",
@@ -81,16 +82,29 @@ def hessian_solve(model, variables, batches, shares, coefficients, rhs, solve, *
     impl = _impl_hvp()
     if hasattr(impl, "hessian_solve"):
         return impl.hessian_solve(model, variables, batches, shares, coefficients, rhs, solve, **options)
+    return solve(averaged_hvp(model, variables, batches, shares, coefficients), rhs, **options)
+
+
+def averaged_hvp(model, variables, batches, shares, coefficients):
+    """The operator v -> sum_b shares_b H_b v (see `hessian_solve`), as a
+    plain function of a list shaped like `variables`: for solvers that run
+    outside the backend's compiled code (SciPy's MINRES).
+
+    Returns:
+        A function of `vectors` returning a list shaped like `variables`.
+    """
+    impl = _impl_hvp()
+    pairs = list(zip(batches, shares, strict=True))
 
     def operator(vectors):
         total = None
-        for batch, share in zip(batches, shares, strict=True):
+        for batch, share in pairs:
             part = impl.hessian_vector_product(model, variables, batch, coefficients, vectors)
             part = [share * p for p in part]
             total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
         return total
 
-    return solve(operator, rhs, **options)
+    return operator
 
 
 def _impl_hvp():

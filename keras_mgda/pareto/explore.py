@@ -68,33 +68,17 @@ class _Run:
         self.cost["gradient_passes"] += 1
         return losses, total
 
-    def hessian_product(self, alpha):
-        """v -> the full-data average of H v, H the Hessian of sum alpha_i f_i."""
-        pairs = list(zip(self.data.batches, self.data.weights(), strict=True))
-
-        def product(vectors):
-            out = None
-            for batch, share in pairs:
-                part = mtl_backend.hessian_vector_product(self.model, self.variables, batch, alpha, vectors)
-                part = [share * p for p in part]
-                out = part if out is None else [a + b for a, b in zip(out, part, strict=True)]
-            return out
-
-        return product
-
     def direction(self, grads, beta):
         """MINRES's solution v of (H + damping I) v = J^T beta at this point."""
         alpha = _min_norm_weights(grads)
         options = self.options
         rhs = _combination(beta, grads)
         settings = dict(damping=options["damping"], max_iters=options["minres_iters"], tol=options["tol"])
+        system = (self.model, self.variables, self.data.batches, self.data.weights(), alpha)
         if options["solver"] == "scipy":
-            v, iterations, _ = scipy_minres(self.hessian_product(alpha), rhs, **settings)
+            v, iterations, _ = scipy_minres(mtl_backend.averaged_hvp(*system), rhs, **settings)
         else:
-            data = self.data
-            v, iterations, _ = mtl_backend.hessian_solve(
-                self.model, self.variables, data.batches, data.weights(), alpha, rhs, minres, **settings
-            )
+            v, iterations, _ = mtl_backend.hessian_solve(*system, rhs, minres, **settings)
         iterations = int(keras.ops.convert_to_numpy(iterations))
         self.cost["minres_iterations"].append(iterations)
         self.cost["hvp_passes"] += iterations
