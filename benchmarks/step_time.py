@@ -99,6 +99,16 @@ def _epoch_time(model, x, y, batch_size):
     return time.perf_counter() - start
 
 
+def _warm_up_backend(model_name):
+    """One throwaway plain `fit`: the backend's one-time start-up (JAX's
+    first compilations, TensorFlow's first graph) would otherwise land in
+    the compile time of whichever model is measured first."""
+    model = MODELS[model_name](1)
+    _compile(model, 1, "auto", model_name)
+    x, y = _data(model_name, 1, 8, np.random.default_rng(0))
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+
+
 def measure(
     num_tasks, method, steps, batch_size, repeats, jit_compile, seed=0, on_nonfinite="raise", model_name="lenet"
 ):
@@ -170,6 +180,7 @@ def main():
     args = parser.parse_args()
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
     methods = sorted(METHODS) if "all" in args.method else args.method
+    _warm_up_backend(args.model)
     for method in methods:
         for num_tasks in args.tasks:
             result = measure(

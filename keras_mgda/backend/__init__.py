@@ -13,6 +13,7 @@ __all__ = [
     "prepare_plan",
     "task_gradients",
     "train_step",
+    "unstack_result",
     "wrap_train_function",
 ]
 
@@ -52,6 +53,17 @@ def prepare_plan(plan, model):
     prepare = getattr(_impl(), "prepare_plan", None)
     if prepare is not None:
         prepare(plan, model)
+
+
+def unstack_result(vector, num):
+    """A metric result vector as `num` values, as `keras.ops.unstack` gives
+    them, but split on the host where a backend would otherwise compile one
+    program per entry (eager JAX: about 12 ms each, 1 s per epoch end at
+    T=40)."""
+    unstack = getattr(_impl(), "unstack_result", None)
+    if unstack is None:
+        return keras.ops.unstack(vector, num=num)
+    return unstack(vector, num)
 
 
 def task_gradients(model, variables, batch):

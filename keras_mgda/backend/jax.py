@@ -25,11 +25,12 @@ import collections
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 
 from keras_mgda import _keras
 from keras_mgda.step import phases
 
-__all__ = ["train_step", "wrap_train_function"]
+__all__ = ["train_step", "unstack_result", "wrap_train_function"]
 
 State = collections.namedtuple("State", ["trainable", "non_trainable", "optimizer", "metrics"])
 # What the gradient phase hands to the decision and apply phases.
@@ -456,3 +457,11 @@ def _with_flag_cleared(model, plan, state):
     index = _flag_index(model, plan)
     metrics[index] = jnp.zeros_like(metrics[index])
     return trainable, non_trainable, optimizer_values, metrics
+
+
+def unstack_result(vector, num):
+    """Entries of a metric result: traced inside the step, NumPy scalars
+    outside it (eager slices compile one program each)."""
+    if isinstance(vector, jax.core.Tracer):
+        return list(jnp.unstack(vector, axis=0))
+    return list(np.asarray(vector))

@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 
+from keras_mgda import backend
 from keras_mgda.types import Tensor
 
 __all__ = ["FirstNonfiniteTask", "LastGram", "TaskWeightsMean", "Trackers", "make_trackers"]
@@ -55,7 +56,7 @@ class TaskWeightsMean(keras.metrics.Metric):
 
     def result(self) -> dict[str, Tensor]:
         means = keras.ops.divide_no_nan(self.total, self.count)
-        values = keras.ops.unstack(means, num=len(self.task_names))
+        values = backend.unstack_result(means, len(self.task_names))
         return dict(zip(self.result_names(), values, strict=True))
 
 
