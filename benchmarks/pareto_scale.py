@@ -5,8 +5,12 @@ linear heads, 11M weights) on synthetic 64x64 images, one small batch.
 Time and peak memory of one Hessian-vector product of sum_t alpha_t L_t
 with respect to every trainable weight (`keras_mgda.backend.
 hessian_vector_product`, inference mode), against one MGDA-UB training
-step (`train_on_batch`) on the same batch; also the T per-task gradients
-(`task_gradients`) that each exploration step needs once. Times: best of
+step (`train_on_batch`) on the same batch; also what each exploration
+point needs once for the Gram matrix J J^T and J^T beta: T gradients of
+one task each (`weighted_gradient`) and T forward-mode products J g_t
+(`task_jvp`), which hold one parameter-sized vector at a time; and, for
+comparison, all T task gradients at once (`task_gradients`, a T x P
+matrix), which explore no longer uses. Times: best of
 `--repeats`, the operations alternating in one process (the machine's
 load drifts; alternating keeps the ratios fair). Memory: each operation
 in a fresh process, the peak resident set size while it runs minus the
@@ -38,7 +42,7 @@ import numpy as np
 import keras_mgda as km
 from keras_mgda import backend as mtl_backend
 
-OPERATIONS = ("step", "hvp", "task_gradients")
+OPERATIONS = ("step", "hvp", "weighted_gradient", "task_jvp", "task_gradients")
 
 
 def _setup(batch_size, tasks, width, seed=0):
@@ -62,8 +66,12 @@ def _operation(name, model, batch):
     if name == "task_gradients":
         return lambda: keras.ops.convert_to_numpy(mtl_backend.task_gradients(model, variables, batch)[1][-1][0])
     alpha = np.full(tasks, 1.0 / tasks, np.float32)
+    if name == "weighted_gradient":
+        return lambda: keras.ops.convert_to_numpy(mtl_backend.weighted_gradient(model, variables, batch, alpha)[1][0])
     rng = np.random.default_rng(1)
     vectors = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in variables]
+    if name == "task_jvp":
+        return lambda: keras.ops.convert_to_numpy(mtl_backend.task_jvp(model, variables, batch, vectors))
     return lambda: keras.ops.convert_to_numpy(
         mtl_backend.hessian_vector_product(model, variables, batch, alpha, vectors)[0])
 
@@ -126,6 +134,10 @@ def main():
         r = results[name]
         print(f"{name:>15}: {1000 * r['seconds']:8.1f} ms  ({r['seconds'] / step:.2f} x a step), "
               f"peak memory +{r['peak_extra_mb']:.0f} MB")
+    # What explore pays per point for the Gram matrix without holding J:
+    # T backward passes and T forward-mode passes.
+    gram = args.tasks * (results["weighted_gradient"]["seconds"] + results["task_jvp"]["seconds"])
+    print(f"{'Gram, O(P) way':>15}: {1000 * gram:8.1f} ms  ({gram / step:.2f} x a step) per exploration point")
     summary = {"backend": keras.backend.backend(), "batch_size": args.batch_size, "tasks": args.tasks,
                "width": args.width, "results": results, "t_by_p_matrix_mb": matrix_mb}
     if args.output:

@@ -117,7 +117,8 @@ def explore(model, explore_data, test, args):
     examples = cost["examples"]
     on_test.cost = {
         "seconds": cost["seconds"],
-        "example_gradients": cost["gradient_passes"] * examples * len(TASKS),
+        # Backward and forward-mode passes: each about one gradient's cost.
+        "example_gradients": (cost["gradient_passes"] + cost["jvp_passes"]) * examples,
         "example_hvps": cost["hvp_passes"] * examples,
         "example_forwards": cost["evaluation_passes"] * examples,
         "minres_iterations": cost["minres_iterations"],

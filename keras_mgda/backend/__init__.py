@@ -12,8 +12,10 @@ __all__ = [
     "hessian_vector_product",
     "prepare_plan",
     "task_gradients",
+    "task_jvp",
     "train_step",
     "unstack_result",
+    "weighted_gradient",
     "wrap_train_function",
 ]
 
@@ -71,6 +73,20 @@ def task_gradients(model, variables, batch):
     `variables` (a list per task, shaped like `variables`), in inference
     mode, changing no variable or metric."""
     return _impl_hvp().task_gradients(model, variables, batch)
+
+
+def weighted_gradient(model, variables, batch, coefficients):
+    """Per-task losses (T,) of `batch` and the gradient of sum_t
+    coefficients_t L_t with respect to `variables` (J^T c, one backward
+    pass), in inference mode, changing no variable or metric."""
+    return _impl_hvp().weighted_gradient(model, variables, batch, coefficients)
+
+
+def task_jvp(model, variables, batch, vectors):
+    """J v: the (T,) directional derivatives of the task losses of `batch`
+    along `vectors` (a list shaped like `variables`), one forward-mode
+    pass, in inference mode, changing no variable or metric."""
+    return _impl_hvp().task_jvp(model, variables, batch, vectors)
 
 
 def hessian_vector_product(model, variables, batch, coefficients, vectors):

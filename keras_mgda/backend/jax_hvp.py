@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from keras_mgda.step import objectives
 
-__all__ = ["hessian_solve", "hessian_vector_product", "task_gradients"]
+__all__ = ["hessian_solve", "hessian_vector_product", "task_gradients", "task_jvp", "weighted_gradient"]
 
 # Tasks whose vector-Jacobian products run together: enough to vectorise,
 # few enough that 40 tasks do not hold 40 backward passes in memory at once.
@@ -41,6 +41,8 @@ class _Functions:
         self.losses = losses
         self.gradients = jax.jit(self._gradients)
         self.hvp = jax.jit(self._hvp)
+        self.weighted_gradient = jax.jit(self._weighted_gradient)
+        self.jvp = jax.jit(self._jvp)
         self.solvers = {}
 
     def _gradients(self, values, other_values, batch):
@@ -48,6 +50,13 @@ class _Functions:
         cotangents = jnp.eye(self.num_tasks, dtype=losses.dtype)
         grads = jax.lax.map(lambda c: pullback(c)[0], cotangents, batch_size=_TASKS_PER_MAP)
         return losses, grads
+
+    def _weighted_gradient(self, values, other_values, batch, coefficients):
+        losses, pullback = jax.vjp(lambda v: self.losses(v, other_values, batch), values)
+        return losses, pullback(coefficients.astype(losses.dtype))[0]
+
+    def _jvp(self, values, other_values, batch, vectors):
+        return jax.jvp(lambda v: self.losses(v, other_values, batch), (values,), (vectors,))[1]
 
     def _hvp(self, values, other_values, batch, coefficients, vectors):
         def total_gradient(v):
@@ -162,3 +171,23 @@ def hessian_vector_product(model, variables, batch, coefficients, vectors):
     coefficients = jnp.asarray(coefficients, dtype=values[0].dtype)
     vectors = [jnp.asarray(v, dtype=x.dtype) for v, x in zip(vectors, values, strict=True)]
     return list(functions.hvp(values, other_values, batch, coefficients, vectors))
+
+
+def weighted_gradient(model, variables, batch, coefficients):
+    """The task losses (T,) and the gradient of sum_t coefficients_t L_t
+    with respect to `variables` (a list shaped like them): J^T c, one
+    backward pass."""
+    functions, batch = _functions(model, variables, batch)
+    values, other_values = functions.arguments()
+    coefficients = jnp.asarray(coefficients, dtype=values[0].dtype)
+    losses, grads = functions.weighted_gradient(values, other_values, batch, coefficients)
+    return losses, list(grads)
+
+
+def task_jvp(model, variables, batch, vectors):
+    """J v: each task loss's directional derivative along `vectors` (T,),
+    one forward-mode pass."""
+    functions, batch = _functions(model, variables, batch)
+    values, other_values = functions.arguments()
+    vectors = [jnp.asarray(v, dtype=x.dtype) for v, x in zip(vectors, values, strict=True)]
+    return functions.jvp(values, other_values, batch, vectors)

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_mgda.step import objectives
 
-__all__ = ["hessian_vector_product", "task_gradients"]
+__all__ = ["hessian_vector_product", "task_gradients", "task_jvp", "weighted_gradient"]
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -30,6 +30,8 @@ class _Functions:
         self.losses = lambda batch: objectives.inference_task_losses(model, plan, batch)
         self.gradients = tf.function(self._gradients, reduce_retracing=True)
         self.hvp = tf.function(self._hvp, reduce_retracing=True)
+        self.weighted_gradient = tf.function(self._weighted_gradient, reduce_retracing=True)
+        self.jvp = tf.function(self._jvp, reduce_retracing=True)
 
     def _gradients(self, batch):
         with tf.GradientTape(persistent=True) as tape:
@@ -38,6 +40,17 @@ class _Functions:
         grads = [tape.gradient(loss, self.values, unconnected_gradients=_ZERO) for loss in per_task]
         del tape
         return losses, grads
+
+    def _weighted_gradient(self, batch, coefficients):
+        with tf.GradientTape() as tape:
+            losses = self.losses(batch)
+            total = tf.reduce_sum(tf.cast(coefficients, losses.dtype) * losses)
+        return losses, tape.gradient(total, self.values, unconnected_gradients=_ZERO)
+
+    def _jvp(self, batch, vectors):
+        with tf.autodiff.ForwardAccumulator(self.values, vectors) as accumulator:
+            losses = self.losses(batch)
+        return accumulator.jvp(losses, unconnected_gradients=_ZERO)
 
     def _hvp(self, batch, coefficients, vectors):
         with tf.autodiff.ForwardAccumulator(self.values, vectors) as accumulator:
@@ -93,3 +106,21 @@ def hessian_vector_product(model, variables, batch, coefficients, vectors):
     coefficients = tf.convert_to_tensor(coefficients, dtype=values[0].dtype)
     vectors = [tf.convert_to_tensor(v, dtype=x.dtype) for v, x in zip(vectors, values, strict=True)]
     return list(functions.hvp(batch, coefficients, vectors))
+
+
+def weighted_gradient(model, variables, batch, coefficients):
+    """The task losses (T,) and the gradient of sum_t coefficients_t L_t
+    with respect to `variables` (a list shaped like them): J^T c, one
+    backward pass."""
+    functions, batch = _functions(model, variables, batch)
+    coefficients = tf.convert_to_tensor(coefficients, dtype=functions.values[0].dtype)
+    losses, grads = functions.weighted_gradient(batch, coefficients)
+    return losses, list(grads)
+
+
+def task_jvp(model, variables, batch, vectors):
+    """J v: each task loss's directional derivative along `vectors` (T,),
+    one forward-mode pass."""
+    functions, batch = _functions(model, variables, batch)
+    vectors = [tf.convert_to_tensor(v, dtype=x.dtype) for v, x in zip(vectors, functions.values, strict=True)]
+    return functions.jvp(batch, vectors)

@@ -17,7 +17,7 @@ import torch
 
 from keras_mgda.step import objectives
 
-__all__ = ["hessian_vector_product", "task_gradients"]
+__all__ = ["hessian_vector_product", "task_gradients", "task_jvp", "weighted_gradient"]
 
 
 def _values(variables):
@@ -107,3 +107,54 @@ def hessian_vector_product(model, variables, batch, coefficients, vectors):
             # needs none (an error of the model itself raises again there).
             state["double_backward"] = True
     return _double_backward(model, plan, variables, batch, coefficients, vectors)
+
+
+def weighted_gradient(model, variables, batch, coefficients):
+    """The task losses (T,) and the gradient of sum_t coefficients_t L_t
+    with respect to `variables` (a list shaped like them): J^T c, one
+    backward pass."""
+    batch = objectives.as_batch(batch)
+    plan = model.step_plan_for(tuple(batch))
+    values = _values(variables)
+    with torch.enable_grad():
+        losses = objectives.inference_task_losses(model, plan, batch)
+        coefficients = torch.as_tensor(coefficients, dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(torch.sum(coefficients * losses), values, allow_unused=True)
+    return losses.detach(), _or_zeros(grads, values)
+
+
+def task_jvp(model, variables, batch, vectors):
+    """J v: each task loss's directional derivative along `vectors` (T,),
+    by forward mode (or, where an operation has none, the transpose of a
+    vector-Jacobian product: d/du <J^T u, v>)."""
+    batch = objectives.as_batch(batch)
+    plan = model.step_plan_for(tuple(batch))
+    values = _values(variables)
+    vectors = [torch.as_tensor(v, dtype=x.dtype, device=x.device) for v, x in zip(vectors, values, strict=True)]
+    state = plan._cached(("torch_hvp", tuple(id(v) for v in variables)), dict)
+    if not state.get("double_backward"):
+        try:
+            return _forward_jvp(model, plan, variables, batch, vectors)
+        except (RuntimeError, NotImplementedError):
+            state["double_backward"] = True
+    return _transposed_vjp(model, plan, values, batch, vectors)
+
+
+def _forward_jvp(model, plan, variables, batch, vectors):
+    values = [v.value.detach() for v in variables]
+
+    def losses(current):
+        return objectives.inference_task_losses(model, plan, batch, list(zip(variables, current)))
+
+    return torch.func.jvp(losses, (values,), (vectors,))[1].detach()
+
+
+def _transposed_vjp(model, plan, values, batch, vectors):
+    with torch.enable_grad():
+        losses = objectives.inference_task_losses(model, plan, batch)
+        u = torch.zeros_like(losses, requires_grad=True)
+        grads = torch.autograd.grad(losses, values, grad_outputs=u, create_graph=True, allow_unused=True)
+        dot = sum(torch.sum(g * v) for g, v in zip(grads, vectors, strict=True) if g is not None)
+        if not torch.is_tensor(dot) or not dot.requires_grad:
+            return torch.zeros_like(losses).detach()
+        return torch.autograd.grad(dot, u)[0].detach()

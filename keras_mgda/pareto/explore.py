@@ -21,6 +21,7 @@ use one mini-batch of 2048 per solve), MINRES starts from 0 (theirs from
 paper's Section 4.2) pull each new point back towards the Pareto set.
 """
 
+import collections
 import time
 
 import keras
@@ -42,6 +43,10 @@ DEFAULT_SOLVER = "keras"
 TRAINABLE = ("all", "shared")
 
 
+# One point of the walk: losses (T,), Gram matrix (T, T), J^T beta.
+_Point = collections.namedtuple("_Point", ["losses", "gram", "rhs"])
+
+
 class _Run:
     """One exploration: the model, what moves, the data, and the costs."""
 
@@ -50,35 +55,59 @@ class _Run:
         self.variables = variables
         self.data = data
         self.options = options
+        self.num_tasks = len(model.step_plan.task_names)
         self.cost = {
-            "gradient_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
+            "gradient_passes": 0, "jvp_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
             "minres_iterations": [], "examples": data.count, "seconds": 0.0,
         }
 
-    def gradients(self):
-        """Full-data task losses (T,) and task gradients (T lists)."""
-        total, losses = None, 0.0
+    def _average(self, primitive, *args):
+        """The full-data average of a per-batch primitive's result."""
+        total = None
         for batch, share in zip(self.data.batches, self.data.weights(), strict=True):
-            batch_losses, grads = mtl_backend.task_gradients(self.model, self.variables, batch)
-            losses = losses + share * keras.ops.convert_to_numpy(batch_losses).astype(np.float64)
-            scaled = [[share * g for g in task] for task in grads]
-            total = scaled if total is None else [
-                [a + b for a, b in zip(ta, tb, strict=True)] for ta, tb in zip(total, scaled, strict=True)
-            ]
-        self.cost["gradient_passes"] += 1
-        return losses, total
+            part = primitive(self.model, self.variables, batch, *args)
+            total = keras.tree.map_structure(lambda p, share=share: share * p, part) if total is None else (
+                keras.tree.map_structure(lambda t, p, share=share: t + share * p, total, part))
+        return total
 
-    def direction(self, grads, beta):
+    def combined(self, coefficients):
+        """Full-data losses (T,) and J^T coefficients, one backward pass."""
+        coefficients = np.asarray(coefficients, np.float32)
+        losses, grads = self._average(mtl_backend.weighted_gradient, coefficients)
+        self.cost["gradient_passes"] += 1
+        return np.asarray(keras.ops.convert_to_numpy(losses), np.float64), list(grads)
+
+    def point(self, beta=None):
+        """Full-data task losses, the Gram matrix J J^T and (for a given
+        beta) J^T beta, holding at most two parameter-sized vectors: column
+        t of the Gram matrix is J g_t, one forward-mode pass along g_t, so
+        no (T x parameters) matrix is formed."""
+        num_tasks = self.num_tasks
+        gram = np.zeros((num_tasks, num_tasks))
+        rhs = None
+        for t in range(num_tasks):
+            losses, g_t = self.combined(np.eye(num_tasks)[t])
+            gram[:, t] = keras.ops.convert_to_numpy(self._average(mtl_backend.task_jvp, g_t))
+            self.cost["jvp_passes"] += 1
+            if beta is not None and beta[t] != 0:
+                part = [float(beta[t]) * g for g in g_t]
+                rhs = part if rhs is None else [r + p for r, p in zip(rhs, part, strict=True)]
+        if beta is not None and rhs is None:
+            rhs = [keras.ops.zeros_like(g) for g in g_t]
+        return _Point(losses, (gram + gram.T) / 2, rhs)
+
+    def direction(self, point):
         """MINRES's solution v of (H + damping I) v = J^T beta at this point."""
-        alpha = _min_norm_weights(grads)
+        # The raw gradients' min-norm weights, as in the KKT condition the
+        # exploration follows (no normalisation).
+        alpha = np.asarray(solvers.min_norm(point.gram, ops=numpy_ops), np.float32)
         options = self.options
-        rhs = _combination(beta, grads)
         settings = dict(damping=options["damping"], max_iters=options["minres_iters"], tol=options["tol"])
         system = (self.model, self.variables, self.data.batches, self.data.weights(), alpha)
         if options["solver"] == "scipy":
-            v, iterations, _ = scipy_minres(mtl_backend.averaged_hvp(*system), rhs, **settings)
+            v, iterations, _ = scipy_minres(mtl_backend.averaged_hvp(*system), point.rhs, **settings)
         else:
-            v, iterations, _ = mtl_backend.hessian_solve(*system, rhs, minres, **settings)
+            v, iterations, _ = mtl_backend.hessian_solve(*system, point.rhs, minres, **settings)
         iterations = int(keras.ops.convert_to_numpy(iterations))
         self.cost["minres_iterations"].append(iterations)
         self.cost["hvp_passes"] += iterations
@@ -93,8 +122,8 @@ class _Run:
         """MGDA steps back towards the Pareto set: x <- x - lr * J^T alpha."""
         lr = self.options["correction_step_size"]
         for _ in range(self.options["correction_steps"]):
-            _, grads = self.gradients()
-            self.move(_combination(_min_norm_weights(grads), grads), lr)
+            alpha = solvers.min_norm(self.point().gram, ops=numpy_ops)
+            self.move(self.combined(alpha)[1], lr)
 
     def evaluate(self, plan):
         """The point's task losses (with `loss_weights`) and `evaluate`'s
@@ -104,28 +133,6 @@ class _Run:
         self.cost["evaluation_passes"] += 1
         losses = [metrics[f"{name}_loss"] * w for name, w in zip(plan.task_names, plan.loss_weights, strict=True)]
         return np.asarray(losses, np.float64), {k: float(v) for k, v in metrics.items()}
-
-
-def _gram(grads):
-    """The (T, T) Gram matrix of the task gradients, float64 on the host."""
-    gram = 0.0
-    for k in range(len(grads[0])):
-        flat = keras.ops.stack([keras.ops.reshape(task[k], (-1,)) for task in grads])
-        flat = keras.ops.cast(flat, "float32")
-        gram = gram + keras.ops.convert_to_numpy(keras.ops.matmul(flat, keras.ops.transpose(flat)))
-    return np.asarray(gram, np.float64)
-
-
-def _min_norm_weights(grads):
-    # The raw gradients' Gram matrix, as in the KKT condition the
-    # exploration follows (no normalisation).
-    return np.asarray(solvers.min_norm(_gram(grads), ops=numpy_ops), np.float32)
-
-
-def _combination(weights, grads):
-    """sum_t weights_t * grads_t, per variable."""
-    weights = [float(w) for w in weights]
-    return [sum(w * task[k] for w, task in zip(weights, grads, strict=True)) for k in range(len(grads[0]))]
 
 
 def _norm(vectors):
@@ -166,9 +173,9 @@ def _check(model, plan, options):
 def _walk(run, plan, beta, start, on_point):
     """Takes the steps along one direction from the start point."""
     options = run.options
-    grads = start
+    point = start
     for step in range(options["steps"]):
-        v = run.direction(grads, beta)
+        v = run.direction(point)
         norm = _norm(v)
         if not np.isfinite(norm) or norm == 0.0:
             raise FloatingPointError(
@@ -178,7 +185,7 @@ def _walk(run, plan, beta, start, on_point):
         run.move(v, options["step_size"] / norm)
         run.correct()
         if step + 1 < options["steps"]:  # the last point needs no gradients
-            _, grads = run.gradients()
+            point = run.point(beta)
         on_point(step + 1, *run.evaluate(plan))
 
 
@@ -186,7 +193,7 @@ def _trace(run, plan, betas, front, start_weights, verbose):
     """Walks every direction from the start, adding each point to `front`;
     leaves the model at the start, also when a step fails."""
     model = run.model
-    _, start_grads = run.gradients()
+    start = run.point()
     bar = keras.utils.Progbar(len(betas) * run.options["steps"], verbose=0 if verbose == 0 else 1, unit_name="step")
     try:
         for k, beta in enumerate(betas):
@@ -196,7 +203,8 @@ def _trace(run, plan, betas, front, start_weights, verbose):
                 front.add(losses, metrics, model.get_weights(), direction=k, step=step)
                 bar.add(1, [(f"{name}_loss", value) for name, value in zip(plan.task_names, losses)])
 
-            _walk(run, plan, beta, start_grads, on_point)
+            # J^T beta at the start: one backward pass per direction.
+            _walk(run, plan, beta, start._replace(rhs=run.combined(beta)[1]), on_point)
     finally:
         model.set_weights(start_weights)
 

@@ -27,9 +27,10 @@ class ParetoFront:
         weights: per point, the model's weights in `get_weights()` layout.
         direction_index: (P,) each point's direction (-1 for the start).
         step_index: (P,) each point's step along it (0 for the start).
-        cost: what the exploration cost: full-data passes of task
-            gradients (`gradient_passes`, each T backward passes), of
-            Hessian-vector products (`hvp_passes`) and of `evaluate`
+        cost: what the exploration cost: full-data backward passes
+            (`gradient_passes`, each the gradient of one combination of
+            the losses), forward-mode passes (`jvp_passes`, each J v),
+            Hessian-vector products (`hvp_passes`) and `evaluate`
             (`evaluation_passes`), MINRES iterations per solve, the
             number of examples and the wall time in seconds.
         model: the model `restore` and `interpolate` set by default (not

@@ -61,7 +61,11 @@ def test_solvers_agree_and_directions_are_rows():
     np.testing.assert_array_equal(fronts[0].directions, directions)
     np.testing.assert_array_equal(fronts[0].direction_index, [-1, 0, 0, 1, 1])
     np.testing.assert_array_equal(fronts[0].step_index, [0, 1, 2, 1, 2])
-    assert fronts[0].cost["gradient_passes"] == 1 + 2 * 1  # the start, then each direction's second point
+    # The start's Gram matrix: T backward and T forward-mode passes; each
+    # direction: J^T beta at the start, then its second point's Gram
+    # matrix (J^T beta accumulated on the way, no extra pass).
+    assert fronts[0].cost["gradient_passes"] == 2 + 2 * (1 + 2)
+    assert fronts[0].cost["jvp_passes"] == 2 + 2 * 2
     assert fronts[0].cost["hvp_passes"] == sum(fronts[0].cost["minres_iterations"])
 
 

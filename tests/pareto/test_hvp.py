@@ -233,3 +233,50 @@ def test_torch_forward_over_reverse_matches_double_backward():
     backward = torch_hvp._double_backward(model, plan, variables, batch, coefficients, vectors)
     for a, b in zip(forward, backward):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_gradient_is_the_combination_of_task_gradients():
+    model, batch = tiny_model()
+    variables = model.trainable_variables
+    losses, combined = mtl_backend.weighted_gradient(model, variables, batch, COEFFICIENTS)
+    task_losses, _ = mtl_backend.task_gradients(model, variables, batch)
+    np.testing.assert_allclose(_numpy([losses])[0], _numpy([task_losses])[0], rtol=1e-6)
+    np.testing.assert_allclose(_flat(combined), _combined_gradient(model, variables, batch), rtol=1e-5, atol=1e-7)
+
+
+def test_task_jvp_matches_task_gradients_and_finite_differences(float64):
+    # Forward mode against two independent references: reverse mode
+    # (g_t . v) and central differences of the losses.
+    model, batch = tiny_model(batch_norm=False)
+    variables = model.trainable_variables
+    direction = np.random.default_rng(3).normal(size=sum(int(np.prod(v.shape)) for v in variables))
+    exact = _numpy([mtl_backend.task_jvp(model, variables, batch, _unflat(direction, variables))])[0]
+    _, grads = mtl_backend.task_gradients(model, variables, batch)
+    np.testing.assert_allclose(exact, [_flat(g) @ direction for g in grads], rtol=1e-5)
+    eps, rtol = FINITE_DIFFERENCES[keras.backend.backend()]
+    start = [keras.ops.convert_to_numpy(v) for v in variables]
+    moved = []
+    for sign in (1.0, -1.0):
+        for v, s, d in zip(variables, start, _unflat(direction, variables), strict=True):
+            v.assign(s + sign * eps * keras.ops.convert_to_numpy(d))
+        moved.append(_numpy([mtl_backend.task_gradients(model, variables, batch)[0]])[0])
+    for v, s in zip(variables, start, strict=True):
+        v.assign(s)
+    np.testing.assert_allclose(exact, (moved[0] - moved[1]) / (2 * eps), rtol=rtol)
+
+
+def test_torch_task_jvp_forward_matches_transposed_vjp():
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch's two J v products")
+    import torch
+
+    from keras_mgda.backend import torch_hvp
+
+    model, batch = tiny_model()
+    variables = model.trainable_variables
+    plan, batch = model.step_plan, objectives.as_batch(batch)
+    rng = np.random.default_rng(4)
+    vectors = [torch.as_tensor(rng.normal(size=v.shape), dtype=torch.float32) for v in variables]
+    forward = torch_hvp._forward_jvp(model, plan, variables, batch, vectors)
+    transposed = torch_hvp._transposed_vjp(model, plan, [v.value for v in variables], batch, vectors)
+    np.testing.assert_allclose(forward.numpy(), transposed.numpy(), rtol=1e-4, atol=1e-6)
