@@ -98,15 +98,25 @@ def hessian_vector_product(model, variables, batch, coefficients, vectors):
     values = _values(variables)
     coefficients = torch.as_tensor(coefficients, device=values[0].device)
     vectors = [torch.as_tensor(v, dtype=x.dtype, device=x.device) for v, x in zip(vectors, values, strict=True)]
+    return _forward_or_reverse(
+        plan, variables,
+        lambda: _forward_over_reverse(model, plan, variables, batch, coefficients, vectors),
+        lambda: _double_backward(model, plan, variables, batch, coefficients, vectors),
+    )
+
+
+def _forward_or_reverse(plan, variables, forward, reverse):
+    """`forward()` (forward mode), or `reverse()` (reverse mode only) from
+    the first time an operation of this model has no forward-mode rule:
+    the reverse path needs none (an error of the model itself raises again
+    there)."""
     state = plan._cached(("torch_hvp", tuple(id(v) for v in variables)), dict)
-    if not state.get("double_backward"):
+    if not state.get("reverse_only"):
         try:
-            return _forward_over_reverse(model, plan, variables, batch, coefficients, vectors)
+            return forward()
         except (RuntimeError, NotImplementedError):
-            # No forward-mode rule for some operation: the double backward
-            # needs none (an error of the model itself raises again there).
-            state["double_backward"] = True
-    return _double_backward(model, plan, variables, batch, coefficients, vectors)
+            state["reverse_only"] = True
+    return reverse()
 
 
 def weighted_gradient(model, variables, batch, coefficients):
@@ -131,13 +141,11 @@ def task_jvp(model, variables, batch, vectors):
     plan = model.step_plan_for(tuple(batch))
     values = _values(variables)
     vectors = [torch.as_tensor(v, dtype=x.dtype, device=x.device) for v, x in zip(vectors, values, strict=True)]
-    state = plan._cached(("torch_hvp", tuple(id(v) for v in variables)), dict)
-    if not state.get("double_backward"):
-        try:
-            return _forward_jvp(model, plan, variables, batch, vectors)
-        except (RuntimeError, NotImplementedError):
-            state["double_backward"] = True
-    return _transposed_vjp(model, plan, values, batch, vectors)
+    return _forward_or_reverse(
+        plan, variables,
+        lambda: _forward_jvp(model, plan, variables, batch, vectors),
+        lambda: _transposed_vjp(model, plan, values, batch, vectors),
+    )
 
 
 def _forward_jvp(model, plan, variables, batch, vectors):

@@ -63,11 +63,11 @@ class _Run:
 
     def _average(self, primitive, *args):
         """The full-data average of a per-batch primitive's result."""
-        total = None
+        total = None  # one batch's result at a time: O(parameters) memory
         for batch, share in zip(self.data.batches, self.data.weights(), strict=True):
             part = primitive(self.model, self.variables, batch, *args)
-            total = keras.tree.map_structure(lambda p, share=share: share * p, part) if total is None else (
-                keras.tree.map_structure(lambda t, p, share=share: t + share * p, total, part))
+            part = keras.tree.map_structure(lambda p, share=share: share * p, part)
+            total = part if total is None else keras.tree.map_structure(lambda a, b: a + b, total, part)
         return total
 
     def combined(self, coefficients):
