@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("left", "right")
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "mnist.npz"),
                    help="MNIST .npz (keras.datasets.mnist layout)")
@@ -57,7 +57,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/pareto_front")
     p.add_argument("--figure", default=None, help="figure path (default OUTPUT/pareto_front.png)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def load(args):
