@@ -103,9 +103,10 @@ def _warm_up_backend(model_name):
     """One throwaway plain `fit`: the backend's one-time start-up (JAX's
     first compilations, TensorFlow's first graph) would otherwise land in
     the compile time of whichever model is measured first."""
-    model = MODELS[model_name](1)
-    _compile(model, 1, "auto", model_name)
-    x, y = _data(model_name, 1, 8, np.random.default_rng(0))
+    # Two tasks: a one-output model takes its targets as an array, not a dict.
+    model = MODELS[model_name](2)
+    _compile(model, 2, "auto", model_name)
+    x, y = _data(model_name, 2, 8, np.random.default_rng(0))
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
 
 
