@@ -49,8 +49,6 @@ def trained_start(args):
     train_data, _, test = example.load(example_args)
     keras.utils.set_random_seed(example_args.seed)
     model = example.make_model(km.weighting.MGDA(normalization="none"), example_args)
-    init = example.make_model(km.weighting.MGDA(normalization="none"), example_args)
-    example.copy_weights(model, init)
     weights_path, info_path = os.path.join(cache, "start.npz"), os.path.join(cache, "weighted_sum.json")
     if os.path.exists(info_path):
         stored = np.load(weights_path)
@@ -58,6 +56,8 @@ def trained_start(args):
         with open(info_path) as f:
             info = json.load(f)
     else:
+        init = example.make_model(km.weighting.MGDA(normalization="none"), example_args)
+        example.copy_weights(model, init)  # the start the weighted-sum runs share
         example.train(model, train_data, example_args)
         np.savez(weights_path, **{f"w{i}": w for i, w in enumerate(model.get_weights())})
         points, cost = example.weighted_sum(init, train_data, test, example_args)

@@ -8,6 +8,7 @@ import keras
 
 __all__ = [
     "averaged_hvp",
+    "batch_average",
     "hessian_solve",
     "hessian_vector_product",
     "prepare_plan",
@@ -122,17 +123,23 @@ def averaged_hvp(model, variables, batches, shares, coefficients):
         A function of `vectors` returning a list shaped like `variables`.
     """
     impl = _impl_hvp()
-    pairs = list(zip(batches, shares, strict=True))
 
     def operator(vectors):
-        total = None
-        for batch, share in pairs:
-            part = impl.hessian_vector_product(model, variables, batch, coefficients, vectors)
-            part = [share * p for p in part]
-            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
-        return total
+        return batch_average(impl.hessian_vector_product, model, variables, batches, shares, coefficients, vectors)
 
     return operator
+
+
+def batch_average(primitive, model, variables, batches, shares, *args):
+    """sum_b shares_b primitive(model, variables, batch_b, *args), any
+    structure of tensors, one batch's result alive at a time (O(parameters)
+    memory however many batches)."""
+    total = None
+    for batch, share in zip(batches, shares, strict=True):
+        part = primitive(model, variables, batch, *args)
+        part = keras.tree.map_structure(lambda p, share=share: share * p, part)
+        total = part if total is None else keras.tree.map_structure(lambda a, b: a + b, total, part)
+    return total
 
 
 def _impl_hvp():

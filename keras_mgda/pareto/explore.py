@@ -63,12 +63,8 @@ class _Run:
 
     def _average(self, primitive, *args):
         """The full-data average of a per-batch primitive's result."""
-        total = None  # one batch's result at a time: O(parameters) memory
-        for batch, share in zip(self.data.batches, self.data.weights(), strict=True):
-            part = primitive(self.model, self.variables, batch, *args)
-            part = keras.tree.map_structure(lambda p, share=share: share * p, part)
-            total = part if total is None else keras.tree.map_structure(lambda a, b: a + b, total, part)
-        return total
+        data = self.data
+        return mtl_backend.batch_average(primitive, self.model, self.variables, data.batches, data.weights(), *args)
 
     def combined(self, coefficients):
         """Full-data losses (T,) and J^T coefficients, one backward pass."""

@@ -217,18 +217,27 @@ def test_hessian_solve_averages_batches(shares):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_forward_over_reverse_matches_double_backward():
-    if keras.backend.backend() != "torch":
-        pytest.skip("torch's two Hessian-vector products")
-    from keras_mgda.backend import torch_hvp
+def _torch_problem(seed):
+    """The tiny model, its plan, variables and batch in the step's form, and
+    random torch vectors shaped like the variables: what the tests of
+    torch_hvp's private paths feed them."""
+    import torch
 
     model, batch = tiny_model()
     variables = model.trainable_variables
-    plan, batch = model.step_plan, objectives.as_batch(batch)
+    rng = np.random.default_rng(seed)
+    vectors = [torch.as_tensor(rng.normal(size=v.shape), dtype=torch.float32) for v in variables]
+    return model, model.step_plan, variables, objectives.as_batch(batch), vectors
+
+
+def test_torch_forward_over_reverse_matches_double_backward():
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch's two Hessian-vector products")
     import torch
 
-    rng = np.random.default_rng(2)
-    vectors = [torch.as_tensor(rng.normal(size=v.shape), dtype=torch.float32) for v in variables]
+    from keras_mgda.backend import torch_hvp
+
+    model, plan, variables, batch, vectors = _torch_problem(seed=2)
     coefficients = torch.as_tensor(COEFFICIENTS)
     forward = torch_hvp._forward_over_reverse(model, plan, variables, batch, coefficients, vectors)
     backward = torch_hvp._double_backward(model, plan, variables, batch, coefficients, vectors)
@@ -254,6 +263,7 @@ def test_task_jvp_matches_task_gradients_and_finite_differences(float64):
     exact = _numpy([mtl_backend.task_jvp(model, variables, batch, _unflat(direction, variables))])[0]
     _, grads = mtl_backend.task_gradients(model, variables, batch)
     np.testing.assert_allclose(exact, [_flat(g) @ direction for g in grads], rtol=1e-5)
+
     def task_losses(model, variables, batch):
         return _numpy([mtl_backend.task_gradients(model, variables, batch)[0]])[0]
 
@@ -264,15 +274,9 @@ def test_task_jvp_matches_task_gradients_and_finite_differences(float64):
 def test_torch_task_jvp_forward_matches_transposed_vjp():
     if keras.backend.backend() != "torch":
         pytest.skip("torch's two J v products")
-    import torch
-
     from keras_mgda.backend import torch_hvp
 
-    model, batch = tiny_model()
-    variables = model.trainable_variables
-    plan, batch = model.step_plan, objectives.as_batch(batch)
-    rng = np.random.default_rng(4)
-    vectors = [torch.as_tensor(rng.normal(size=v.shape), dtype=torch.float32) for v in variables]
+    model, plan, variables, batch, vectors = _torch_problem(seed=4)
     forward = torch_hvp._forward_jvp(model, plan, variables, batch, vectors)
     transposed = torch_hvp._transposed_vjp(model, plan, [v.value for v in variables], batch, vectors)
     np.testing.assert_allclose(forward.numpy(), transposed.numpy(), rtol=1e-4, atol=1e-6)
