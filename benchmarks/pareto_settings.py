@@ -12,6 +12,9 @@ of test accuracies the explored points cover.
 Usage:
     KERAS_BACKEND=torch python benchmarks/pareto_settings.py --epochs 10 --settings \\
         '[{"examples": 256, "minres_iters": 10, "steps": 20, "step_size": 0.2}]'
+    # a fresh sample of 4 batches of 256 per step, from the first 8,192 examples:
+    KERAS_BACKEND=torch python benchmarks/pareto_settings.py --epochs 10 --settings \\
+        '[{"examples": 8192, "batch_size": 256, "sample_batches": 4, "minres_iters": 5, "steps": 20, "step_size": 0.2}]'
 """
 
 import argparse
@@ -34,7 +37,9 @@ import keras_mgda as km  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=10, help="epochs of the start and of each weighted-sum run")
-    p.add_argument("--settings", required=True, help="JSON list of explore() keyword arguments (+ 'examples')")
+    p.add_argument("--settings", required=True,
+                   help="JSON list of explore() keyword arguments, plus 'examples' (the first N training "
+                   "examples to explore on, default 1024)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "mnist.npz"))
     p.add_argument("--cache", default="runs/pareto_settings")
     return p.parse_args()
@@ -71,9 +76,10 @@ def explore_on_test(model, train_data, test, setting):
     """One exploration; its points scored on the test set, and its seconds."""
     setting = dict(setting)
     examples = setting.pop("examples", 1024)
+    batch_size = setting.pop("batch_size", 1024)
     x, y = keras.tree.map_structure(lambda a: a[:examples], train_data)
     started = time.perf_counter()
-    front = km.pareto.explore(model, x, y, batch_size=1024, verbose=0, **setting)
+    front = km.pareto.explore(model, x, y, batch_size=batch_size, verbose=0, **setting)
     seconds = time.perf_counter() - started
     on_test = km.pareto.ParetoFront(front.task_names, front.directions)
     for i in range(len(front)):

@@ -15,8 +15,9 @@ MINRES runs on exact Hessian-vector products (`keras_mgda.backend`). As in
 the authors' code (`pareto/optim/kkt_solver.py`): full-data gradients, the
 min-norm alpha of the raw gradients, v normalised, damping 0.1, at most 50
 MINRES iterations, tolerance 1e-5, step size 0.1, 10 steps per direction.
-Unlike it, the Hessian-vector products are full-data averages too (theirs
-use one mini-batch of 2048 per solve), MINRES starts from 0 (theirs from
+Unlike it, the Hessian-vector products are full-data averages too by
+default (theirs use one mini-batch of 2048 per solve; `sample_batches`
+draws a fresh sample per step as they do), MINRES starts from 0 (theirs from
 -mean_i grad f_i), and optional correction steps (plain MGDA steps, the
 paper's Section 4.2) pull each new point back towards the Pareto set.
 """
@@ -58,13 +59,32 @@ class _Run:
         self.num_tasks = len(model.step_plan.task_names)
         self.cost = {
             "gradient_passes": 0, "jvp_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
-            "minres_iterations": [], "examples": data.count, "seconds": 0.0,
+            "minres_iterations": [], "examples": data.count, "examples_per_pass": data.count, "seconds": 0.0,
         }
+        self._rng = np.random.default_rng(options["seed"])
+        self.resample()
+
+    @property
+    def sampling(self):
+        """Whether each step draws its own batches."""
+        count = self.options["sample_batches"]
+        return count is not None and count < len(self.data.batches)
+
+    def resample(self):
+        """The batches the next averages run over: all of them, or (with
+        `sample_batches`) a fresh draw without replacement."""
+        data = self.data
+        chosen = range(len(data.batches))
+        if self.sampling:
+            chosen = sorted(self._rng.choice(len(data.batches), self.options["sample_batches"], replace=False))
+        sizes = [data.sizes[i] for i in chosen]
+        self.batches = [data.batches[i] for i in chosen]
+        self.shares = [size / sum(sizes) for size in sizes]
+        self.cost["examples_per_pass"] = sum(sizes)
 
     def _average(self, primitive, *args):
-        """The full-data average of a per-batch primitive's result."""
-        data = self.data
-        return mtl_backend.batch_average(primitive, self.model, self.variables, data.batches, data.weights(), *args)
+        """The average of a per-batch primitive's result over the batches."""
+        return mtl_backend.batch_average(primitive, self.model, self.variables, self.batches, self.shares, *args)
 
     def combined(self, coefficients):
         """Full-data losses (T,) and J^T coefficients, one backward pass."""
@@ -99,7 +119,7 @@ class _Run:
         alpha = np.asarray(solvers.min_norm(point.gram, ops=numpy_ops), np.float32)
         options = self.options
         settings = dict(damping=options["damping"], max_iters=options["minres_iters"], tol=options["tol"])
-        system = (self.model, self.variables, self.data.batches, self.data.weights(), alpha)
+        system = (self.model, self.variables, self.batches, self.shares, alpha)
         if options["solver"] == "scipy":
             v, iterations, _ = scipy_minres(mtl_backend.averaged_hvp(*system), point.rhs, **settings)
         else:
@@ -164,6 +184,8 @@ def _check(model, plan, options):
             raise ValueError(f"{name} must be positive; got {options[name]!r}.")
     if options["damping"] < 0 or options["minres_iters"] < 1 or options["steps"] < 1:
         raise ValueError("damping must be >= 0, and minres_iters and steps >= 1.")
+    if options["sample_batches"] is not None and options["sample_batches"] < 1:
+        raise ValueError(f"sample_batches must be None (all the data) or >= 1; got {options['sample_batches']}.")
 
 
 def _walk(run, plan, beta, start, on_point):
@@ -179,6 +201,7 @@ def _walk(run, plan, beta, start, on_point):
                 f"beta={beta.tolist()}; raise `damping` or check the losses."
             )
         run.move(v, options["step_size"] / norm)
+        run.resample()
         run.correct()
         if step + 1 < options["steps"]:  # the last point needs no gradients
             point = run.point(beta)
@@ -189,7 +212,9 @@ def _trace(run, plan, betas, front, start_weights, verbose):
     """Walks every direction from the start, adding each point to `front`;
     leaves the model at the start, also when a step fails."""
     model = run.model
-    start = run.point()
+    # Without sampling the start's Gram matrix serves every direction;
+    # with it, each direction draws its own batches and computes its own.
+    start = None if run.sampling else run.point()
     bar = keras.utils.Progbar(len(betas) * run.options["steps"], verbose=0 if verbose == 0 else 1, unit_name="step")
     try:
         for k, beta in enumerate(betas):
@@ -199,8 +224,12 @@ def _trace(run, plan, betas, front, start_weights, verbose):
                 front.add(losses, metrics, model.get_weights(), direction=k, step=step)
                 bar.add(1, [(f"{name}_loss", value) for name, value in zip(plan.task_names, losses)])
 
-            # J^T beta at the start: one backward pass per direction.
-            _walk(run, plan, beta, start._replace(rhs=run.combined(beta)[1]), on_point)
+            if start is None:
+                run.resample()
+                point = run.point(beta)
+            else:  # J^T beta at the start: one backward pass per direction.
+                point = start._replace(rhs=run.combined(beta)[1])
+            _walk(run, plan, beta, point, on_point)
     finally:
         model.set_weights(start_weights)
 
@@ -221,11 +250,14 @@ def explore(
     batch_size=None,
     trainable="all",
     solver=DEFAULT_SOLVER,
+    sample_batches=None,
+    seed=None,
     verbose="auto",
 ):
     """Traces the Pareto set of a trained multi-task model from its point.
 
-    Per direction beta, `steps` times: full-data task gradients J, their
+    Per direction beta, `steps` times: task gradients J (averaged over all
+    the data, or over a fresh sample of `sample_batches` batches), their
     min-norm weights alpha, MINRES on (H + damping I) v = J^T beta with H
     the Hessian of sum_i alpha_i f_i, the step x <- x - step_size v / |v|
     (beta = e_i lowers task i), then `correction_steps` MGDA steps. All in
@@ -252,6 +284,13 @@ def explore(
             (only the encoder's, up to Z; the heads stay fixed).
         solver: `"keras"` (MINRES in `keras.ops`, the default: faster on
             CPU, see docs/pareto.md) or `"scipy"` (SciPy's MINRES on the host).
+        sample_batches: if set, every step's gradients, Hessian-vector
+            products and corrections average over this many batches drawn
+            at random from the data (a fresh draw per step, as the authors'
+            code draws a fresh mini-batch), not over all of it: the cost of
+            a small sample without fitting one fixed subset. Each point is
+            still evaluated on all the data.
+        seed: the seed of those draws.
         verbose: 0 silences the progress bar; `"auto"` or 1 shows it.
 
     Returns:
@@ -273,6 +312,7 @@ def explore(
         steps=int(steps), step_size=step_size, correction_steps=int(correction_steps),
         correction_step_size=step_size if correction_step_size is None else correction_step_size,
         minres_iters=int(minres_iters), tol=tol, damping=damping, solver=solver,
+        sample_batches=None if sample_batches is None else int(sample_batches), seed=seed,
     )
     _check(model, plan, options)
     betas = _directions(directions, plan.num_tasks)

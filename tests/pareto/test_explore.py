@@ -110,6 +110,51 @@ def test_dataset_gives_the_same_front_as_arrays():
     np.testing.assert_allclose(from_dataset.losses, from_arrays.losses, rtol=1e-5)
 
 
+def test_sampling_all_batches_is_the_full_data_walk():
+    problem = Quadratic(num_tasks=2, seed=6)
+    model = problem.model()
+    full = km.pareto.explore(model, problem.x, problem.y, steps=2, batch_size=2, verbose=0)
+    every = km.pareto.explore(model, problem.x, problem.y, steps=2, batch_size=2, sample_batches=4, verbose=0)
+    np.testing.assert_array_equal(every.losses, full.losses)
+    # Every row has the same losses here, so a sample of them walks the
+    # same path; but each direction then computes its own start point.
+    sampled = km.pareto.explore(model, problem.x, problem.y, steps=2, batch_size=2, sample_batches=1, verbose=0)
+    np.testing.assert_allclose(sampled.losses, full.losses, rtol=1e-5)
+    # Its start's Gram matrix once per direction (T backward and T
+    # forward-mode passes, J^T beta accumulated on the way) instead of once
+    # plus one backward pass for J^T beta per direction.
+    assert sampled.cost["gradient_passes"] == full.cost["gradient_passes"] == 8
+    assert sampled.cost["jvp_passes"] == full.cost["jvp_passes"] + 2
+    assert sampled.cost["examples_per_pass"] == 2 and full.cost["examples_per_pass"] == 8
+
+
+def test_each_step_draws_fresh_batches(monkeypatch):
+    from keras_mgda import backend as mtl_backend
+
+    model, x, y = small_model(num_tasks=2)
+    draws = []
+    average = mtl_backend.batch_average
+
+    def recording(primitive, model, variables, batches, shares, *args):
+        draws.append(tuple(id(b) for b in batches))
+        np.testing.assert_allclose(sum(shares), 1.0, rtol=1e-6)
+        return average(primitive, model, variables, batches, shares, *args)
+
+    monkeypatch.setattr(mtl_backend, "batch_average", recording)
+    options = dict(steps=3, minres_iters=3, batch_size=8, sample_batches=2, verbose=0)
+    front = km.pareto.explore(model, x, y, seed=0, **options)
+    assert {len(d) for d in draws} == {2}
+    assert len(set(draws)) >= 3  # a draw per step, not one fixed subset
+    assert front.cost["examples_per_pass"] == 16 and front.cost["examples"] == len(x)
+    again = km.pareto.explore(model, x, y, seed=0, **options)
+    np.testing.assert_array_equal(again.losses, front.losses)  # the seed fixes the draws
+    other = km.pareto.explore(model, x, y, seed=1, **options)
+    assert not np.allclose(other.losses[1:], front.losses[1:])
+    # Points are still scored on all the data.
+    scores = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    np.testing.assert_allclose(front.losses[0], [scores["task0_loss"], scores["task1_loss"]], rtol=1e-5)
+
+
 def test_progress_bar(capsys):
     problem = Quadratic(num_tasks=2, seed=3)
     model = problem.model()
@@ -126,6 +171,8 @@ def test_bad_arguments():
         km.pareto.explore(model, problem.x, problem.y, solver="cg", verbose=0)
     with pytest.raises(ValueError, match="directions"):
         km.pareto.explore(model, problem.x, problem.y, directions=[[1.0, 0.0, 0.0]], verbose=0)
+    with pytest.raises(ValueError, match="sample_batches"):
+        km.pareto.explore(model, problem.x, problem.y, sample_batches=0, verbose=0)
     with pytest.raises(ValueError, match="trainable"):
         km.pareto.explore(model, problem.x, problem.y, trainable="heads", verbose=0)
     inputs = keras.Input((1,))
