@@ -42,6 +42,9 @@ def parse_args():
                    "examples to explore on, default 1024)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "mnist.npz"))
     p.add_argument("--cache", default="runs/pareto_settings")
+    p.add_argument("--figure", default=None, metavar="PATH",
+                   help="draw each setting's front beside the weighted-sum set (PATH, with the setting's "
+                   "index before the extension when there are several)")
     return p.parse_args()
 
 
@@ -97,8 +100,12 @@ def main():
     ws_seconds = info["cost"]["seconds"]
     print(f"start: test accuracies {np.round(example.test_scores(model, test)[1], 4).tolist()}; "
           f"weighted sum: {len(info['points'])} runs of {args.epochs} epochs, {ws_seconds:.1f} s")
-    for setting in json.loads(args.settings):
+    settings = json.loads(args.settings)
+    for index, setting in enumerate(settings):
         on_test, seconds = explore_on_test(model, train_data, test, setting)
+        if args.figure:
+            root, extension = os.path.splitext(args.figure)
+            example.figure(on_test, info["points"], args.figure if len(settings) == 1 else f"{root}{index}{extension}")
         hv = example.hypervolumes(on_test, info["points"])
         accuracies = on_test.metric_values("accuracy")
         print(json.dumps({

@@ -306,3 +306,24 @@ def test_gradient_only_nan_under_xla():
     with pytest.raises(FloatingPointError, match="Task: none"):
         _step(model, x, y)
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_finite_finds_one_bad_entry(fused):
+    """The finiteness decision, per gradient or in one fused reduction (the
+    JAX step's), flags a single NaN or Inf anywhere and nothing else."""
+    from keras_mgda.step import phases
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4), (4,), (2, 2, 2)]
+    clean = [rng.normal(size=s).astype("float32") for s in shapes]
+    as_tensors = lambda arrays: [keras.ops.convert_to_tensor(a) for a in arrays]  # noqa: E731
+    assert bool(phases.gradients_finite(as_tensors(clean) + [None], fused=fused))
+    assert bool(phases.gradients_finite([None], fused=fused))
+    for k, bad in [(0, np.nan), (1, np.inf), (2, -np.inf)]:
+        grads = [a.copy() for a in clean]
+        grads[k].flat[-1] = bad
+        assert not bool(phases.gradients_finite(as_tensors(grads), fused=fused))
+    # Mixed dtypes (fused: one reduction per dtype, no cast).
+    mixed = as_tensors(clean[:2]) + [keras.ops.convert_to_tensor(clean[2].astype("float16"))]
+    assert bool(phases.gradients_finite(mixed, fused=fused))

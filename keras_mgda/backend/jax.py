@@ -400,7 +400,7 @@ def train_step(model, state, data):
         loss_scale = keras.ops.convert_to_tensor(optimizer.scale_loss(1.0), "float32")
     step = _gram_step if plan.needs_gram else _loss_step
     result = step(model, plan, batch, state, loss_scale)
-    grads_ok = phases.gradients_finite(result.grads)
+    grads_ok = phases.gradients_finite(result.grads, fused=True)
     decision = phases.decide(plan, optimizer, result.task_losses, result.gram, result.weights, grads_ok)
     if plan.on_nonfinite == "raise":
         # After a non-finite step, the rest of a multi-step execution
