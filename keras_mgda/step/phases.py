@@ -266,9 +266,9 @@ def gradients_finite(
     Args:
         grads: the gradients (None entries are skipped).
         fused: one reduction over all of them, concatenated: under XLA
-            (JAX) the concatenation fuses into the reduction, one kernel
-            instead of one per gradient (about 15-30% of the T=40 step's
-            compile time, docs/benchmarks.md); elsewhere it would copy
+            (JAX) the concatenation fuses into the reduction instead of
+            one kernel per gradient (15-30% less compile time for the
+            T=40 step, docs/benchmarks.md); elsewhere it would copy
             every gradient. Otherwise one reduction per gradient (a sum:
             NaN or Inf anywhere makes it non-finite), as Keras's
             `LossScaleOptimizer` checks them.
