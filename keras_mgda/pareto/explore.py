@@ -235,24 +235,9 @@ def _trace(run, plan, betas, front, start_weights, verbose):
 
 
 def explore(
-    model,
-    x,
-    y=None,
-    *,
-    directions=None,
-    steps=10,
-    step_size=0.1,
-    correction_steps=0,
-    correction_step_size=None,
-    minres_iters=50,
-    tol=1e-5,
-    damping=0.1,
-    batch_size=None,
-    trainable="all",
-    solver=DEFAULT_SOLVER,
-    sample_batches=None,
-    seed=None,
-    verbose="auto",
+    model, x, y=None, *, directions=None, steps=10, step_size=0.1, correction_steps=0,
+    correction_step_size=None, minres_iters=50, tol=1e-5, damping=0.1, batch_size=None,
+    trainable="all", solver=DEFAULT_SOLVER, sample_batches=None, seed=None, verbose="auto",
 ):
     """Traces the Pareto set of a trained multi-task model from its point.
 
@@ -284,12 +269,10 @@ def explore(
             (only the encoder's, up to Z; the heads stay fixed).
         solver: `"keras"` (MINRES in `keras.ops`, the default: faster on
             CPU, see docs/pareto.md) or `"scipy"` (SciPy's MINRES on the host).
-        sample_batches: if set, every step's gradients, Hessian-vector
+        sample_batches: if set, each step's gradients, Hessian-vector
             products and corrections average over this many batches drawn
-            at random from the data (a fresh draw per step, as the authors'
-            code draws a fresh mini-batch), not over all of it: the cost of
-            a small sample without fitting one fixed subset. Each point is
-            still evaluated on all the data.
+            afresh (as the authors' code draws a mini-batch per step), not
+            over all the data; points are still scored on all of it.
         seed: the seed of those draws.
         verbose: 0 silences the progress bar; `"auto"` or 1 shows it.
 
@@ -308,11 +291,10 @@ def explore(
     started = time.perf_counter()
     data = _data.as_data(x, y, batch_size)
     plan = model.step_plan_for(tuple(data.batches[0]))
-    options = dict(
-        steps=int(steps), step_size=step_size, correction_steps=int(correction_steps),
-        correction_step_size=step_size if correction_step_size is None else correction_step_size,
-        minres_iters=int(minres_iters), tol=tol, damping=damping, solver=solver,
-        sample_batches=None if sample_batches is None else int(sample_batches), seed=seed,
+    options = _options(
+        steps=steps, step_size=step_size, correction_steps=correction_steps,
+        correction_step_size=correction_step_size, minres_iters=minres_iters, tol=tol, damping=damping,
+        solver=solver, sample_batches=sample_batches, seed=seed,
     )
     _check(model, plan, options)
     betas = _directions(directions, plan.num_tasks)
@@ -324,3 +306,15 @@ def explore(
     run.cost["seconds"] = time.perf_counter() - started
     front.cost = run.cost
     return front
+
+
+def _options(**options):
+    """explore's settings, with counts as ints and the defaults that depend
+    on other settings filled in."""
+    for name in ("steps", "correction_steps", "minres_iters"):
+        options[name] = int(options[name])
+    if options["correction_step_size"] is None:
+        options["correction_step_size"] = options["step_size"]
+    if options["sample_batches"] is not None:
+        options["sample_batches"] = int(options["sample_batches"])
+    return options
