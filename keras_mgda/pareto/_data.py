@@ -33,11 +33,6 @@ class Data:
         self.count = int(sum(sizes))
         self.source = source
 
-    def weights(self):
-        """Each batch's share of the examples: per-batch means weighted by
-        these give the mean over all examples."""
-        return [size / self.count for size in self.sizes]
-
 
 def _tensor(value):
     return None if value is None else keras.ops.convert_to_tensor(value)

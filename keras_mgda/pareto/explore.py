@@ -87,14 +87,15 @@ class _Run:
         return mtl_backend.batch_average(primitive, self.model, self.variables, self.batches, self.shares, *args)
 
     def combined(self, coefficients):
-        """Full-data losses (T,) and J^T coefficients, one backward pass."""
+        """Losses (T,) and J^T coefficients over the current batches, one
+        backward pass."""
         coefficients = np.asarray(coefficients, np.float32)
         losses, grads = self._average(mtl_backend.weighted_gradient, coefficients)
         self.cost["gradient_passes"] += 1
         return np.asarray(keras.ops.convert_to_numpy(losses), np.float64), list(grads)
 
     def point(self, beta=None):
-        """Full-data task losses, the Gram matrix J J^T and (for a given
+        """Task losses, the Gram matrix J J^T and (for a given
         beta) J^T beta, holding at most two parameter-sized vectors: column
         t of the Gram matrix is J g_t, one forward-mode pass along g_t, so
         no (T x parameters) matrix is formed."""
