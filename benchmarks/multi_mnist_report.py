@@ -66,9 +66,12 @@ def table(runs):
             f"| `{method}` | {paper} | {_cell(h['mean'], h['std'], h['seeds'])} | "
             f"{_cell(a.get('mean'), a.get('std'), a.get('seeds', 0))} | {h['seeds']} | {seconds[method]:.1f} |"
         )
+    authors_grid = {tuple(p["weights"].values()): p for p in authors.get("grid", [])}
     for point in honest.get("grid", []):
         weights = "/".join(f"{w:.2f}" for w in point["weights"].values())
-        lines.append(f"| `grid` {weights} | - | {_cell(point['mean'], point['std'], point['seeds'])} | | "
+        a = authors_grid.get(tuple(point["weights"].values()), {})
+        lines.append(f"| `grid` {weights} | - | {_cell(point['mean'], point['std'], point['seeds'])} | "
+                     f"{_cell(a.get('mean'), a.get('std'), a.get('seeds', 0))} | "
                      f"{point['seeds']} | {seconds['grid']:.1f} |")
     return "\n".join(lines)
 
