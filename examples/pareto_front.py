@@ -24,7 +24,7 @@ Usage:
         --explore-examples 512 --figure docs/pareto_front.png
     # 10 epochs; each exploration step on a fresh 2 x 512 of 4,096 examples
     # (the setting that meets the hypervolume target in docs/pareto.md):
-    KERAS_BACKEND=torch python examples/pareto_front.py --epochs 10 --explore-examples 4096 \
+    KERAS_BACKEND=torch python examples/pareto_front.py --epochs 10 --explore-examples 4096 \\
         --explore-batch-size 512 --sample-batches 2 --minres-iters 3 --steps 16 --step-size 0.25
 """
 

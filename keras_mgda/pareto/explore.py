@@ -59,10 +59,10 @@ class _Run:
         self.num_tasks = len(model.step_plan.task_names)
         self.cost = {
             "gradient_passes": 0, "jvp_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
-            "minres_iterations": [], "examples": data.count, "examples_per_pass": data.count, "seconds": 0.0,
+            "minres_iterations": [], "examples": data.count, "seconds": 0.0,
         }
         self._rng = np.random.default_rng(options["seed"])
-        self.resample()
+        self._use(range(len(data.batches)))
 
     @property
     def sampling(self):
@@ -71,16 +71,20 @@ class _Run:
         return count is not None and count < len(self.data.batches)
 
     def resample(self):
-        """The batches the next averages run over: all of them, or (with
-        `sample_batches`) a fresh draw without replacement."""
-        data = self.data
-        chosen = range(len(data.batches))
+        """With `sample_batches`, a fresh draw (without replacement) of the
+        batches the next averages run over; otherwise they stay all."""
         if self.sampling:
-            chosen = sorted(self._rng.choice(len(data.batches), self.options["sample_batches"], replace=False))
-        sizes = [data.sizes[i] for i in chosen]
-        self.batches = [data.batches[i] for i in chosen]
-        self.shares = [size / sum(sizes) for size in sizes]
-        self.cost["examples_per_pass"] = sum(sizes)
+            count = len(self.data.batches)
+            self._use(sorted(self._rng.choice(count, self.options["sample_batches"], replace=False)))
+
+    def _use(self, chosen):
+        """Averages over the batches at positions `chosen`, each weighted by
+        its share of their examples."""
+        sizes = [self.data.sizes[i] for i in chosen]
+        total = sum(sizes)
+        self.batches = [self.data.batches[i] for i in chosen]
+        self.shares = [size / total for size in sizes]
+        self.cost["examples_per_pass"] = total
 
     def _average(self, primitive, *args):
         """The average of a per-batch primitive's result over the batches."""
