@@ -21,6 +21,8 @@ __all__ = [
     "compile_loss_trackers",
     "compile_metrics",
     "compute_loss",
+    "distribute_strategy",
+    "epoch_dataset",
     "flat_losses",
     "inputs_struct",
     "loss_tracker",
@@ -102,6 +104,17 @@ def outputs_struct(model: keras.Model) -> Any:
 def inputs_struct(model: keras.Model) -> Any:
     """The functional model's inputs, in the structure it was built with."""
     return _attribute(model, "_inputs_struct")
+
+
+def distribute_strategy(model: keras.Model) -> Any:
+    """The TensorFlow trainer's explicit distribution strategy, or None."""
+    return _attribute(model, "_distribute_strategy")
+
+
+def epoch_dataset(iterator: Any) -> Any:
+    """The `tf.data` dataset a TensorFlow `fit` epoch iterates over, or
+    None where the iterator keeps none (not a TensorFlow epoch iterator)."""
+    return getattr(iterator, "_distributed_dataset", None)
 
 
 def symbolic_build(model: keras.Model, data_batch: Any) -> None:

@@ -179,6 +179,12 @@ class MultiTaskModel(keras.Model):
         if defer:
             optimizer.build(self.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # TensorFlow's trainer only: it defers the build to the first trace
+        # unless a strategy is set; building eagerly halves the first fit.
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        mtl_backend.build_before_tracing(self, iterator, data_batch)
+
     def step_plan_for(self, data: Any) -> StepPlan:
         """The `StepPlan`, built from `data` if Keras has not built the
         compiled loss yet (TensorFlow without a distribution strategy builds

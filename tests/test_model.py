@@ -308,6 +308,36 @@ def test_nan_step_inside_steps_per_execution_raises_with_the_weights_before_it()
     assert np.isfinite(history.history["loss"][0])
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only TensorFlow's trainer defers the build into the traced step",
+)
+@pytest.mark.parametrize("source", ["arrays", "generator"])
+def test_fit_builds_the_optimizer_before_tracing(source, monkeypatch):
+    """Built inside the trace, every optimizer slot gets a lifted
+    initializer (half of a T=40 first fit); the build reads the dataset's
+    spec, so no batch is drawn from a one-shot generator."""
+    import tensorflow as tf
+
+    inside_trace = []
+    build = keras.optimizers.Adam.build
+
+    def recording_build(self, variables):
+        inside_trace.append(tf.inside_function())
+        return build(self, variables)
+
+    monkeypatch.setattr(keras.optimizers.Adam, "build", recording_build)
+    model = _compile(_untuned_model(weighting=km.weighting.MGDA()))
+    x, y = _data(64)
+    if source == "arrays":
+        model.fit(x, y, batch_size=16, verbose=0)
+    else:
+        batches = ((x[i : i + 16], {k: v[i : i + 16] for k, v in y.items()}) for i in range(0, 64, 16))
+        model.fit(batches, verbose=0)
+    assert inside_trace == [False]
+    assert int(model.optimizer.iterations.numpy()) == 4  # every batch trained
+
+
 def test_nan_loss_skipped_and_counted():
     model = _compile(_untuned_model(weighting=km.weighting.MGDA(), on_nonfinite="skip"))
     x, y = _data(32)

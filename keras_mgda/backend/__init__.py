@@ -9,6 +9,7 @@ import keras
 __all__ = [
     "averaged_hvp",
     "batch_average",
+    "build_before_tracing",
     "hessian_solve",
     "hessian_vector_product",
     "prepare_plan",
@@ -47,6 +48,15 @@ def wrap_train_function(model, train_function):
     step records a non-finite step and the wrapper raises; an error that
     escapes a step leaves the model's state as it was before that step."""
     return _impl().wrap_train_function(model, train_function)
+
+
+def build_before_tracing(model, iterator=None, data_batch=None):
+    """Lets a backend whose trainer builds the model's losses and optimizer
+    lazily, inside the first traced step (TensorFlow without a distribution
+    strategy), build them eagerly instead."""
+    build = getattr(_impl(), "build_before_tracing", None)
+    if build is not None:
+        build(model, iterator, data_batch)
 
 
 def prepare_plan(plan, model):

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_mgda import _keras
 from keras_mgda.step import phases
 
 __all__ = ["prepare_plan", "train_step", "wrap_train_function"]
@@ -55,6 +56,37 @@ def _weighting_objective(plan, losses, gram):
     value = phases.weighting_loss(plan, losses, gram)
     replicas = _replicas()
     return value if value is None or replicas == 1 else value / replicas
+
+
+# Building before the first trace -------------------------------------------
+
+
+def build_before_tracing(model, iterator=None, data_batch=None):
+    """Builds the compiled loss, the weighting, the step plan and the
+    optimizer eagerly, from the batch's shapes, before `fit` traces the step.
+
+    Without a distribution strategy Keras's TensorFlow trainer builds them
+    inside the first trace, where each variable it creates gets a lifted,
+    conditional initializer (about 0.03 s per optimizer slot: half of a T=40
+    LeNet's first `fit`, docs/benchmarks.md). With a strategy Keras builds
+    eagerly itself, from a batch it draws; here the dataset's element spec
+    serves, so no batch is drawn.
+    """
+    if _keras.distribute_strategy(model) is not None:
+        return  # built by Keras
+    if data_batch is None:
+        data_batch = _spec_batch(_keras.epoch_dataset(iterator))
+    if data_batch is not None:
+        _keras.symbolic_build(model, data_batch)
+
+
+def _spec_batch(dataset):
+    """The dataset's element spec as a symbolic batch, or None where a spec
+    is not a dense tensor's (ragged, sparse: left to Keras's lazy build)."""
+    specs = getattr(dataset, "element_spec", None)
+    if specs is None or not all(type(s) is tf.TensorSpec for s in tf.nest.flatten(specs)):
+        return None
+    return specs
 
 
 # Snapshots --------------------------------------------------------------
