@@ -26,7 +26,7 @@ from keras import ops
 from keras_mgda import _keras
 from keras_mgda.step import phases
 
-__all__ = ["prepare_plan", "train_step", "wrap_train_function"]
+__all__ = ["build_before_tracing", "prepare_plan", "train_step", "wrap_train_function"]
 
 # What the gradient phase hands to the decision and apply phases.
 _Result = collections.namedtuple("_Result", ["y_pred", "losses", "task_losses", "gram", "weights", "grads"])
