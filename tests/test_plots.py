@@ -85,6 +85,20 @@ def test_accuracy_profile_takes_an_axes_and_the_authors_selection():
     plt.close(figure)
 
 
+def test_accuracy_profile_names_coinciding_references_once():
+    """The paper's MGDA-UB and single-task points are 0.03 apart: one name
+    for both, not two printed over each other; a distinct point keeps its
+    own."""
+    figure = km.plots.accuracy_profile(
+        _results(),
+        references={"mgda_ub": (97.26, 95.90), "single_task": (97.23, 95.90), "uniform": (96.46, 94.99)},
+    )
+    ax = figure.axes[0]
+    assert sorted(text.get_text() for text in ax.texts) == ["mgda_ub, single_task", "uniform"]
+    assert sum(line.get_label() in ("mgda_ub", "single_task", "uniform") for line in ax.lines) == 3
+    plt.close(figure)
+
+
 def test_summarize_and_errors():
     summary = km.plots.summarize(_results())
     assert summary["uniform"]["seeds"] == 2 and summary["pcgrad"]["std"] == [0.0, 0.0]

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
 
+import numpy as np
+
 from keras_mgda.plots._matplotlib import pyplot
 
 if TYPE_CHECKING:
@@ -227,12 +229,28 @@ def _draw_summary(ax, summary, scale):
 
 def _draw_references(ax, references):
     """Published points as hollow grey markers, each named beside it (they
-    are few and may share a legend colour)."""
+    are few and may share a legend colour); points that nearly coincide
+    share one name, so the names do not print over each other."""
     for label, (x, y) in references.items():
         ax.plot([x], [y], linestyle="none", marker="o", markerfacecolor="none",
                 markeredgecolor="0.4", markersize=8, label=label)
-        ax.annotate(label, (x, y), xytext=(5, 5), textcoords="offset points",
+    for labels, (x, y) in _coinciding(references):
+        ax.annotate(", ".join(labels), (x, y), xytext=(5, 5), textcoords="offset points",
                     fontsize="x-small", color="0.3")
+
+
+def _coinciding(references, tolerance=1e-3):
+    """`(labels, point)` per group of points within `tolerance` (relative)
+    of the group's first point in both coordinates."""
+    groups = []
+    for label, point in references.items():
+        for labels, first in groups:
+            if np.allclose(point, first, rtol=tolerance, atol=0.0):
+                labels.append(label)
+                break
+        else:
+            groups.append(([label], point))
+    return groups
 
 
 def _method_order(method):
