@@ -99,6 +99,22 @@ def test_accuracy_profile_names_coinciding_references_once():
     plt.close(figure)
 
 
+def test_accuracy_profile_of_a_full_campaign_keeps_methods_apart():
+    """Thirty methods within a point of each other: each its own marker and
+    colour, the legend beside the axes (inside it would cover them), and a
+    reference name near the right edge runs leftwards."""
+    runs = [_run(f"method{i:02d}", 0, 0.960 + 0.0003 * i, 0.950 - 0.0002 * i) for i in range(30)]
+    figure = km.plots.accuracy_profile(runs, references={"paper": (96.87, 94.4)})
+    ax = figure.axes[0]
+    styles = [(c.lines[0].get_marker(), c.lines[0].get_color()) for c in ax.containers]
+    assert len(styles) == 30 and len(set(styles)) == 30
+    figure.canvas.draw()
+    legend_box = ax.get_legend().get_window_extent()
+    assert legend_box.x0 >= ax.get_window_extent().x1
+    assert [text.get_ha() for text in ax.texts] == ["right"]
+    plt.close(figure)
+
+
 def test_summarize_and_errors():
     summary = km.plots.summarize(_results())
     assert summary["uniform"]["seeds"] == 2 and summary["pcgrad"]["std"] == [0.0, 0.0]

@@ -36,7 +36,11 @@ METHOD_LABELS = {
     SINGLE_TASK: "single task",
     GRID: "grid (static weights)",
 }
-_MARKERS = "osD^v<>phP8X"
+# Eleven markers against ten colours: coprime, so the first 110 methods
+# each get their own pair ("8" is left out: it reads as "o").
+_MARKERS = "osD^v<>phPX"
+# Legend entries that still fit inside the axes.
+_LEGEND_INSIDE_MAX = 12
 
 
 def _runs(results):
@@ -185,8 +189,10 @@ def accuracy_profile(
             f"No run has {tasks[0]!r} and {tasks[1]!r} accuracies for selection "
             f"{selection!r}; pass the benchmark's runs."
         )
+    many = len(summary) + len(references or {}) > _LEGEND_INSIDE_MAX
     if ax is None:
-        figure, ax = plt.subplots(figsize=(6, 5))
+        # Room on the right for a legend of many methods.
+        figure, ax = plt.subplots(figsize=(10, 5.5) if many else (6, 5))
     else:
         figure = ax.figure
     _draw_summary(ax, summary, 100.0 if percent else 1.0)
@@ -197,8 +203,19 @@ def accuracy_profile(
     ax.set_ylabel(f"{tasks[1]} accuracy{unit}")
     ax.set_title(title if title is not None else f"Accuracy profile, {which}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    _place_legend(ax, many)
     return figure
+
+
+def _place_legend(ax, many):
+    """Inside the axes for a few methods; beside them, in two columns, for
+    many (a full campaign's thirty markers cluster within a point or two,
+    where a legend inside would cover them)."""
+    if not many:
+        ax.legend(fontsize="small", loc="best")
+        return
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, ncol=2)
 
 
 def _draw_summary(ax, summary, scale):
@@ -217,8 +234,8 @@ def _draw_summary(ax, summary, scale):
     methods = [m for m in summary if m not in (GRID, SINGLE_TASK)]
     for index, method in enumerate(sorted(methods, key=_method_order)):
         errorbar(
-            [summary[method]], fmt=_MARKERS[index % len(_MARKERS)], markersize=7,
-            label=METHOD_LABELS.get(method, method),
+            [summary[method]], fmt=_MARKERS[index % len(_MARKERS)], color=f"C{index % 10}",
+            markersize=7, label=METHOD_LABELS.get(method, method),
         )
     if SINGLE_TASK in summary:
         errorbar(
@@ -234,9 +251,12 @@ def _draw_references(ax, references):
     for label, (x, y) in references.items():
         ax.plot([x], [y], linestyle="none", marker="o", markerfacecolor="none",
                 markeredgecolor="0.4", markersize=8, label=label)
+    low, high = ax.get_xlim()
     for labels, (x, y) in _coinciding(references):
-        ax.annotate(", ".join(labels), (x, y), xytext=(5, 5), textcoords="offset points",
-                    fontsize="x-small", color="0.3")
+        # Names of points near the right edge run leftwards, inside the axes.
+        side = -1 if x > low + 0.8 * (high - low) else 1
+        ax.annotate(", ".join(labels), (x, y), xytext=(5 * side, 5), textcoords="offset points",
+                    ha="right" if side < 0 else "left", fontsize="x-small", color="0.3")
 
 
 def _coinciding(references, tolerance=1e-3):
