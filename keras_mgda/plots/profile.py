@@ -39,6 +39,7 @@ METHOD_LABELS = {
 # Eleven markers against ten colours: coprime, so the first 110 methods
 # each get their own pair ("8" is left out: it reads as "o").
 _MARKERS = "osD^v<>phPX"
+_COLOURS = [f"C{index}" for index in range(10)]
 # Legend entries that still fit inside the axes.
 _LEGEND_INSIDE_MAX = 12
 
@@ -234,7 +235,7 @@ def _draw_summary(ax, summary, scale):
     methods = [m for m in summary if m not in (GRID, SINGLE_TASK)]
     for index, method in enumerate(sorted(methods, key=_method_order)):
         errorbar(
-            [summary[method]], fmt=_MARKERS[index % len(_MARKERS)], color=f"C{index % 10}",
+            [summary[method]], fmt=_MARKERS[index % len(_MARKERS)], color=_COLOURS[index % len(_COLOURS)],
             markersize=7, label=METHOD_LABELS.get(method, method),
         )
     if SINGLE_TASK in summary:
