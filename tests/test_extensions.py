@@ -151,3 +151,59 @@ def test_after_update_hook_is_not_called_for_a_skipped_step():
     # The hook's extra forward leaves the metrics as the step left them.
     logs = model.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["a_loss"]) and logs["skipped_steps"] == 0.0
+
+
+def _batchnorm_model(weighting, dropout=0.0, seed=0):
+    """A trunk with BatchNorm (and Dropout): training and inference differ."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6,))
+    h = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(5, name="trunk")(x))
+    z = keras.layers.Dropout(dropout, seed=3, name="drop")(keras.layers.Activation("tanh")(h))
+    outputs = {"a": keras.layers.Dense(1, name="a")(z), "c": keras.layers.Dense(1, name="c")(z)}
+    model = km.MultiTaskModel(x, outputs, weighting=weighting)
+    model.compile(keras.optimizers.SGD(LR), loss={"a": "mse", "c": "mse"})
+    return model
+
+
+def _layer_state(model):
+    """Every weight, BatchNorm statistic and dropout seed of the layers, by
+    layer name and variable name (seed generators are numbered per process)."""
+    return {
+        f"{layer.name}/{v.name}": keras.ops.convert_to_numpy(v) for layer in model.layers for v in layer.variables
+    }
+
+
+def test_after_update_hook_compares_training_mode_losses():
+    """The step's losses are training-mode losses (BatchNorm on the batch's
+    statistics), so the losses after the update are too: in inference mode
+    the moving statistics, not the update, would make the difference."""
+    x, y = _data()
+    y = {"a": y["a"], "c": y["c"]}
+    model = _batchnorm_model(LossRecorder())
+    model.train_on_batch(x, y)
+    after = keras.ops.convert_to_numpy(model.weighting.after)
+    training = model(x, training=True)
+    inference = model(x, training=False)
+    expected = [np.mean((keras.ops.convert_to_numpy(training[t]) - y[t]) ** 2) for t in "ac"]
+    unexpected = [np.mean((keras.ops.convert_to_numpy(inference[t]) - y[t]) ** 2) for t in "ac"]
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    assert np.abs(np.asarray(unexpected) - after).max() > 1e-2, (after, unexpected)
+
+
+def test_after_update_hook_changes_no_batchnorm_statistic_or_dropout_seed():
+    """Its extra training-mode forward is undone: over two steps the model
+    ends exactly where the same model without the hook does (a second
+    BatchNorm update, or a dropout seed drawn twice, would move it)."""
+    x, y = _data()
+    y = {"a": y["a"], "c": y["c"]}
+    states = []
+    for weighting in (LossRecorder(), km.weighting.Uniform()):
+        model = _batchnorm_model(weighting, dropout=0.5)
+        for _ in range(2):
+            model.train_on_batch(x, y)
+        states.append(_layer_state(model))
+    hooked, plain = states
+    assert hooked.keys() == plain.keys() and any("moving_mean" in path for path in plain)
+    assert any("seed" in path for path in plain), list(plain)
+    for path in plain:
+        np.testing.assert_array_equal(hooked[path], plain[path], err_msg=path)

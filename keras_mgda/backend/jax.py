@@ -309,7 +309,7 @@ def _after_update(model, plan, batch, trainable, non_trainable, metrics, task_lo
     losses = jax.lax.stop_gradient(task_losses.astype("float32"))
 
     def run():
-        plan.weighting.after_update(losses, phases.inference_losses(model, plan, batch))
+        plan.weighting.after_update(losses, phases.losses_after_update(model, plan, batch))
 
     _, non_trainable, _ = scope.run(run, trainable, non_trainable, metrics)
     return non_trainable

@@ -343,7 +343,7 @@ def _after_update(model, plan, batch, task_losses, ok):
     """An `AfterUpdateHook` sees the batch's losses after a taken step."""
 
     def hook():
-        new_losses = _global_losses(phases.inference_losses(model, plan, batch))
+        new_losses = _global_losses(phases.losses_after_update(model, plan, batch))
         plan.weighting.after_update(_global_losses(task_losses), new_losses)
 
     ops.cond(ok, hook, lambda: None)

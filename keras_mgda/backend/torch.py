@@ -337,7 +337,7 @@ def _take_step(model, plan, batch, tensors):
     with torch.no_grad():
         model.optimizer.apply(grads, trainable)
         if plan.needs_losses_after_update:
-            new_losses = phases.inference_losses(model, plan, batch)
+            new_losses = phases.losses_after_update(model, plan, batch)
             if world > 1:
                 (new_losses,) = all_reduce_mean([new_losses], world)
             constants = torch.from_numpy(np.asarray(result.host[0], np.float32))

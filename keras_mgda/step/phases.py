@@ -46,7 +46,7 @@ __all__ = [
     "decide",
     "gradients_finite",
     "gram",
-    "inference_losses",
+    "losses_after_update",
     "loss_objective",
     "nonfinite_error",
     "task_weights",
@@ -173,15 +173,24 @@ def aggregate(
     return directions, weights, call_with_ops(weighting.head_weights, weights, ops=ops)
 
 
-def inference_losses(model: keras.Model, plan: StepPlan, batch: Batch) -> Tensor:
-    """The (T,) float32 task losses of the batch in inference mode, without
-    touching any metric (the compiled loss's trackers are put back): what
-    an `AfterUpdateHook` sees after the update."""
+def losses_after_update(model: keras.Model, plan: StepPlan, batch: Batch) -> Tensor:
+    """The (T,) float32 task losses of the batch with the updated weights,
+    what an `AfterUpdateHook` compares with the step's own losses.
+
+    The forward runs in training mode, as the step's did, so that the two
+    compare like with like: in inference mode dropout is off and BatchNorm
+    reads its moving statistics, and the change between the two modes
+    would swamp the update's (FAMO then learns from the modes, not from
+    the step). Every non-trainable variable (BatchNorm statistics, dropout
+    seeds) and the compiled loss's trackers are put back afterwards, so
+    the extra forward changes nothing the user trained.
+    """
     trackers = [v for m in _keras.compile_loss_trackers(model) for v in m.variables]
-    saved = [keras.ops.copy(v.value) for v in trackers]
-    y_pred = model(batch.x, training=False)
+    state = trackers + list(model.non_trainable_variables)
+    saved = [keras.ops.copy(v.value) for v in state]
+    y_pred = model(batch.x, training=True)
     losses = compute_losses(model, plan, batch, y_pred)
-    for v, old in zip(trackers, saved, strict=True):
+    for v, old in zip(state, saved, strict=True):
         v.assign(old)
     return keras.ops.cast(keras.ops.stack(losses.tasks), "float32")
 

@@ -9,7 +9,7 @@ path keeps its speed.
   estimates).
 - `AfterUpdateHook`: the method sees the task losses of the same batch
   after the update (FAMO learns its weights from how much each loss
-  fell). The step pays one more forward pass, in inference mode, for it.
+  fell). The step pays one more forward pass, in training mode, for it.
 """
 
 import keras
@@ -76,10 +76,13 @@ class AfterUpdateHook(Weighting):
     """A mixin for methods that learn from the losses after the update.
 
     After a step is applied, the step evaluates the task losses of the
-    same batch again, with the updated weights, in inference mode (no
-    BatchNorm statistic, metric or dropout seed changes), and calls
+    same batch again, with the updated weights, and calls
     `after_update(losses, new_losses)`, which may assign the method's
-    state. Not called for a skipped step.
+    state. Not called for a skipped step. That forward runs in training
+    mode, as the step's own did, so the two losses differ by the update
+    and not by dropout or BatchNorm switching modes (a fresh dropout
+    mask, BatchNorm on the batch's statistics); it changes no BatchNorm
+    statistic, dropout seed or metric.
     """
 
     base_class = True  # not a method: left out of `by_name`

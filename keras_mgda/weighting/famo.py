@@ -32,7 +32,9 @@ class FAMO(AfterUpdateHook):
     w_t = (z_t / D_t) / sum_s (z_s / D_s) with D_t = L_t - b_t + epsilon:
     positive, summing to 1. After each step the same batch's losses are
     evaluated again (`AfterUpdateHook`: the step pays one more forward
-    pass, in inference mode), and the logits take one Adam step on
+    pass, in training mode as in the authors' code, so dropout and
+    BatchNorm act alike in both losses), and the logits take one Adam
+    step on
 
         grad = J_softmax(xi)^T delta + weight_decay * xi,
         delta_t = log(D_t before the update) - log(D_t after it),
