@@ -222,3 +222,20 @@ def test_task_tensorboard_writes_weights_and_the_conflict_image(tmp_path):
     tags = events.Tags()
     assert {"task_weights/a", "task_weights/b"} <= set(tags["tensors"]) | set(tags["scalars"])
     assert "task_conflict" in set(tags["tensors"]) | set(tags["images"])
+
+
+def test_accuracy_profile_lists_a_diverged_method_off_the_axes():
+    """A run at chance (11% / 11%) would squeeze every other method into a
+    corner: it is named in the legend with its accuracies instead, unless
+    failed_below=None asks for every point."""
+    results = _results()
+    results["runs"].append(_run("fairgrad", 0, 0.1135, 0.1128))
+    ax = km.plots.accuracy_profile(results).axes[0]
+    assert ax.get_xlim()[0] > 90 and ax.get_ylim()[0] > 90, (ax.get_xlim(), ax.get_ylim())
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    failed = "fairgrad: 11.35 / 11.28, off the axes"
+    assert labels[3:5] == [failed, "pcgrad"], labels  # in its place among the methods
+    assert np.isnan(np.asarray(_containers(ax)[failed].lines[0].get_xdata(), float)).all()
+    ax = km.plots.accuracy_profile(results, failed_below=None).axes[0]
+    assert "fairgrad" in _containers(ax) and ax.get_xlim()[0] < 12
+    plt.close("all")

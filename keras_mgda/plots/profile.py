@@ -138,6 +138,7 @@ def accuracy_profile(
     percent: bool = True,
     references: Mapping[str, tuple[float, float]] | None = None,
     title: str | None = None,
+    failed_below: float | None = 0.5,
 ) -> "Figure":
     """The accuracy profile of Sener & Koltun's Figure 3: one task's
     accuracy against the other's, one marker per method.
@@ -164,6 +165,11 @@ def accuracy_profile(
             axes' units) drawn as hollow grey markers with their label
             beside them, e.g. the paper's.
         title: optional axes title.
+        failed_below: a method whose mean accuracy on either task is below
+            this fraction (a run that diverged) is not drawn but listed in
+            the legend with its accuracies, "off the axes", so that it does
+            not squeeze every other method into a corner; None draws every
+            method.
 
     Returns:
         The matplotlib `Figure` that holds the axes.
@@ -196,7 +202,7 @@ def accuracy_profile(
         figure, ax = plt.subplots(figsize=(10, 5.5) if many else (6, 5))
     else:
         figure = ax.figure
-    _draw_summary(ax, summary, 100.0 if percent else 1.0)
+    _draw_summary(ax, summary, 100.0 if percent else 1.0, failed_below)
     _draw_references(ax, references or {})
     unit = " (%)" if percent else ""
     which = "best validation epoch" if selection == "honest" else "best test epoch (authors' selection)"
@@ -219,8 +225,9 @@ def _place_legend(ax, many):
               borderaxespad=0.0, ncol=2)
 
 
-def _draw_summary(ax, summary, scale):
-    """The grid curve, one marker per method, the single-task star."""
+def _draw_summary(ax, summary, scale, failed_below):
+    """The grid curve, one marker per method (or a legend line for a
+    method that failed), the single-task star."""
 
     def errorbar(entries, **style):
         x = [scale * entry["mean"][0] for entry in entries]
@@ -234,10 +241,15 @@ def _draw_summary(ax, summary, scale):
         errorbar(summary[GRID], fmt="-", marker=".", color="0.5", label=METHOD_LABELS[GRID])
     methods = [m for m in summary if m not in (GRID, SINGLE_TASK)]
     for index, method in enumerate(sorted(methods, key=_method_order)):
-        errorbar(
-            [summary[method]], fmt=_MARKERS[index % len(_MARKERS)], color=_COLOURS[index % len(_COLOURS)],
-            markersize=7, label=METHOD_LABELS.get(method, method),
-        )
+        style = {"color": _COLOURS[index % len(_COLOURS)], "label": METHOD_LABELS.get(method, method)}
+        marker = _MARKERS[index % len(_MARKERS)]
+        mean = summary[method]["mean"]
+        if failed_below is not None and min(mean) < failed_below:
+            # A marker with no point: its legend entry keeps its place.
+            style["label"] += f": {scale * mean[0]:.2f} / {scale * mean[1]:.2f}, off the axes"
+            ax.errorbar([math.nan], [math.nan], fmt=marker, markersize=7, **style)
+            continue
+        errorbar([summary[method]], fmt=marker, markersize=7, **style)
     if SINGLE_TASK in summary:
         errorbar(
             [summary[SINGLE_TASK]], fmt="*", markersize=14, color="black",
