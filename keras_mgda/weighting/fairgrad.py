@@ -45,6 +45,18 @@ class FairGrad(GradientWeighting):
     epsilon (relative). Tasks whose gradient is exactly zero get weight 0.
 
     Scale: scaling M by s scales the weights by s^(-alpha / (alpha + 1)).
+    The update is not normalised to the gradients' size: at alpha = 1 it
+    has norm sqrt(T) in the space M is taken in, however small the
+    gradients. In `"representation"` mode those are gradients of mean
+    losses with respect to Z, small (0.04 on the MultiMNIST LeNet at
+    initialisation, batch 256), so with plain SGD the step can be tens of
+    times uniform weighting's: on MultiMNIST with Sener & Koltun's SGD
+    protocol (learning rate 0.05) FairGrad killed the network in its first
+    epoch (docs/results/multi_mnist.md). FairGrad's authors work on the
+    shared parameters and clip their gradient to norm 1 (their
+    `max_norm`); with SGD, use `mode="parameters"` and the optimizer's
+    `global_clipnorm`, or an adaptive optimizer.
+
     Task heads keep their plain gradients (`head_update="full"`), as in the
     authors' code, which overwrites only the shared parameters' gradients.
 
