@@ -204,14 +204,20 @@ def accuracy_profile(
         figure = ax.figure
     _draw_summary(ax, summary, 100.0 if percent else 1.0, failed_below)
     _draw_references(ax, references or {})
+    _label_axes(ax, tasks, selection, percent, title)
+    _place_legend(ax, many)
+    return figure
+
+
+def _label_axes(ax, tasks, selection, percent, title):
+    """Axis labels in the accuracies' unit, the title (the selection by
+    default) and a light grid."""
     unit = " (%)" if percent else ""
     which = "best validation epoch" if selection == "honest" else "best test epoch (authors' selection)"
     ax.set_xlabel(f"{tasks[0]} accuracy{unit}")
     ax.set_ylabel(f"{tasks[1]} accuracy{unit}")
     ax.set_title(title if title is not None else f"Accuracy profile, {which}")
     ax.grid(True, alpha=0.3)
-    _place_legend(ax, many)
-    return figure
 
 
 def _place_legend(ax, many):
