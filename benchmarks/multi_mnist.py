@@ -37,7 +37,9 @@ Output: `{"runs": [...]}`, one record per finished run, written atomically
 (a temporary file, then `os.replace`, under a lock so that processes may
 share a file). A run already recorded (same method, seed, epochs, backend,
 settings and, for the grid, weights) is skipped, so the campaign resumes
-where it stopped. Accuracies are fractions.
+where it stopped. Accuracies are fractions. Each record also names its
+`environment` (code commit, numpy and backend versions, CPU): one seed
+reproduces bit for bit only in one environment.
 
 Usage:
     python benchmarks/multi_mnist.py --methods mgda_ub uniform single_task --seeds 0 1 2
@@ -52,9 +54,12 @@ import argparse
 import contextlib
 import datetime
 import importlib
+import importlib.metadata
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -619,6 +624,45 @@ def select(history, method, has_validation):
     return fields
 
 
+# The packages whose builds decide a run's floating-point rounding.
+BACKEND_PACKAGES = {"torch": ("torch",), "jax": ("jax", "jaxlib"), "tensorflow": ("tensorflow",), "numpy": ()}
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return f"{model} ({'avx512f' if 'avx512f' in flags else 'no avx512f'})"
+
+
+def _git_commit():
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment(backend):
+    """What a run's numbers depend on beyond its settings: the code's commit,
+    the package versions and the CPU. The same seed and settings give
+    bit-identical runs in one environment, and runs that differ by a few
+    points at epoch 2 in two (the float rounding of two builds, amplified by
+    training), so a record says where it was made."""
+    packages = ("numpy",) + BACKEND_PACKAGES.get(backend, ())
+    versions = {name: importlib.metadata.version(name) for name in packages}
+    return {"commit": _git_commit(), "python": platform.python_version(), "packages": versions,
+            "cpu": _cpu_model()}
+
+
 def make_record(run, history, wall_seconds, has_validation, keras):
     """The JSON record of a finished run."""
     import keras_mgda as km
@@ -639,6 +683,7 @@ def make_record(run, history, wall_seconds, has_validation, keras):
     record.update({
         "keras": keras.__version__,
         "keras_mgda": km.__version__,
+        "environment": environment(run["backend"]),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "history": history,
     })

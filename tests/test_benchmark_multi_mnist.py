@@ -69,6 +69,11 @@ def test_records_are_appended_resumed_and_selected_honestly(bench, tmp_path):
         settings = run["settings"]
         assert (settings["lr"], settings["batch_size"], settings["momentum"]) == (0.05, 256, 0.9)
         assert settings["dropout_variant"] == "authors" and settings["val_examples"] == 256
+        # Where it was made: runs do not reproduce bit for bit across builds.
+        environment = run["environment"]
+        assert environment["packages"]["numpy"] == np.__version__
+        assert set(environment["packages"]) == {"numpy", *bench.BACKEND_PACKAGES[backend]}
+        assert environment["commit"] is None or len(environment["commit"].split("+")[0]) == 40
     assert runs[1]["settings"]["normalization"] == "none"  # mgda_ub
     assert runs[0]["settings"]["normalization"] is None  # uniform does not read it
     before = output.read_text()
@@ -201,7 +206,7 @@ def test_committed_mgda_ub_history_reproduces(bench, tmp_path, mnist_path):
         pytest.skip(f"the committed run is on {committed['backend']}")
     output = tmp_path / "rerun.json"
     settings = committed["settings"]
-    bench.main(["--methods", "mgda_ub", "--seeds", "0", "--epochs", "2", "--data", mnist_path,
+    bench.main(["--methods", "mgda_ub", "--seeds", "0", "--epochs", "2", "--data", str(mnist_path),
                 "--lr", str(settings["lr"]), "--normalization", settings["normalization"],
                 "--dropout-variant", settings["dropout_variant"], "--output", str(output)])
     rerun = _runs(output)[0]["history"][1]
