@@ -57,6 +57,19 @@ class NashMTL(GradientWeighting):
     sqrt(T)), and with `head_update="scaled"` (the default) the heads get
     the unclipped alpha.
 
+    Under plain SGD, mind the mode. The clipped shared update has norm
+    min(sqrt(T), max_norm) whatever the gradients' size, and alpha is in
+    units of 1 / ||g||. In `"representation"` mode the gradients are those
+    of mean losses with respect to Z, small (0.04 on the MultiMNIST LeNet at
+    initialisation, batch 256), so the Z-cotangent is some 25 times uniform
+    weighting's and the heads (`"scaled"`) get alpha_t ~ 10-25 times their
+    gradient: with Sener & Koltun's SGD protocol (learning rate 0.05)
+    Nash-MTL killed the network in its first epoch, as FairGrad did
+    (docs/results/multi_mnist.md). The authors clip in parameter space
+    (`mode="parameters"`, where the clip bounds the shared weights' step)
+    and train with Adam (learning rate 1e-4 in their NYUv2 trainer); with
+    SGD use that mode, or an adaptive optimizer.
+
     `update_weights_every=k` is the authors' option of the same name:
     alpha is solved at steps 0, k, 2k, ... and reused at the steps
     between. The authors clip the shared gradient at every step, and with
