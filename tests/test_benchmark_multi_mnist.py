@@ -209,7 +209,30 @@ def test_committed_mgda_ub_history_reproduces(bench, tmp_path, mnist_path):
     bench.main(["--methods", "mgda_ub", "--seeds", "0", "--epochs", "2", "--data", str(mnist_path),
                 "--lr", str(settings["lr"]), "--normalization", settings["normalization"],
                 "--dropout-variant", settings["dropout_variant"], "--output", str(output)])
-    rerun = _runs(output)[0]["history"][1]
+    rerun = _runs(output)[0]
     recorded = committed["history"][1]
+    # Another build or CPU rounds differently and training amplifies it: the
+    # record made before this environment was rebuilt re-ran 1.2-2.6 points
+    # off at epoch 2, so a failure names both environments.
+    where = (committed.get("environment"), rerun["environment"])
     for key in ("val_left_acc", "val_right_acc", "test_left_acc", "test_right_acc"):
-        assert abs(rerun[key] - recorded[key]) <= 0.015, (key, rerun[key], recorded[key])
+        assert abs(rerun["history"][1][key] - recorded[key]) <= 0.015, (key, rerun["history"][1][key],
+                                                                        recorded[key], where)
+
+
+def test_report_seconds_per_epoch_are_the_median_of_each_method_and_grid_point():
+    # One uniform run shared the CPU (25 s): the median ignores it, a mean
+    # would print 11.8. Each grid point shows its own runs' seconds.
+    spec = importlib.util.spec_from_file_location("multi_mnist_report", SCRIPT.parent / "multi_mnist_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def run(method, seed, seconds, weights=None):
+        record = {"method": method, "seed": seed, "seconds_per_epoch": seconds, "selection": "honest"}
+        record.update({f"{prefix}{task}_acc": 0.9 for prefix in ("", "authors_") for task in ("left", "right")})
+        return record | ({"weights": weights} if weights else {})
+
+    runs = [run("uniform", 0, 5.0), run("uniform", 1, 5.4), run("uniform", 2, 25.0),
+            run("grid", 0, 9.0, {"left": 0.25, "right": 0.75}), run("grid", 0, 14.0, {"left": 0.75, "right": 0.25})]
+    rows = {line.split(" | ")[0]: line.rstrip(" |").rsplit("| ", 1)[-1] for line in report.table(runs).splitlines()[2:]}
+    assert rows == {"| `uniform`": "5.4", "| `grid` 0.25/0.75": "9.0", "| `grid` 0.75/0.25": "14.0"}
