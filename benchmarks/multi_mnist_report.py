@@ -75,11 +75,12 @@ def table(runs):
         )
     authors_grid = {tuple(p["weights"].values()): p for p in authors.get("grid", [])}
     for point in honest.get("grid", []):
-        weights = "/".join(f"{w:.2f}" for w in point["weights"].values())
-        a = authors_grid.get(tuple(point["weights"].values()), {})
-        lines.append(f"| `grid` {weights} | - | {_cell(point['mean'], point['std'], point['seeds'])} | "
+        weights = tuple(point["weights"].values())
+        a = authors_grid.get(weights, {})
+        lines.append(f"| `grid` {'/'.join(f'{w:.2f}' for w in weights)} | - | "
+                     f"{_cell(point['mean'], point['std'], point['seeds'])} | "
                      f"{_cell(a.get('mean'), a.get('std'), a.get('seeds', 0))} | "
-                     f"{point['seeds']} | {seconds['grid', tuple(point['weights'].values())]:.1f} |")
+                     f"{point['seeds']} | {seconds['grid', weights]:.1f} |")
     return "\n".join(lines)
 
 

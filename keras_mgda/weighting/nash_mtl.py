@@ -63,8 +63,9 @@ class NashMTL(GradientWeighting):
     of mean losses with respect to Z, small (0.04 on the MultiMNIST LeNet at
     initialisation, batch 256), so the Z-cotangent is some 25 times uniform
     weighting's and the heads (`"scaled"`) get alpha_t, of order
-    1 / ||g_t||, times their gradient: with Sener & Koltun's SGD protocol (learning rate 0.05)
-    Nash-MTL killed the network in its first epoch, as FairGrad did
+    1 / ||g_t||, times their gradient: with Sener & Koltun's SGD protocol
+    (learning rate 0.05) Nash-MTL killed the network in its first epoch,
+    as FairGrad did
     (docs/results/multi_mnist.md). The authors clip in parameter space
     (`mode="parameters"`, where the clip bounds the shared weights' step)
     and train with Adam (learning rate 1e-4 in their NYUv2 trainer); with
