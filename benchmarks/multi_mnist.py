@@ -6,7 +6,8 @@ author's answers in their repository's issues #9 and #14) are the defaults:
 the LeNet of `keras_mgda.models.multi_mnist_lenet` with their dropout
 (`--dropout-variant authors`), SGD with momentum 0.9, learning rate 0.05
 multiplied by 0.85 at every 10th epoch, batch 256, 100 epochs, MGDA's
-gradient normalisation "none". Keras `fit` with `shuffle=True` on NumPy
+gradient normalisation "none". The LeNet starts from Keras's default
+initialisation unless `--initializer torch` asks for PyTorch's. Keras `fit` with `shuffle=True` on NumPy
 arrays (no TensorFlow needed), per-output sparse cross-entropy on logits.
 
 Data and model selection. 10,000 of MNIST's 60,000 training digits (a fixed
@@ -53,6 +54,7 @@ Usage:
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -122,6 +124,8 @@ def parse_args(argv=None):
                    help="MGDA's gradient normalisation (mgda_ub and mgda only)")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--dropout-variant", default="authors", choices=("authors", "keras"))
+    p.add_argument("--initializer", default="keras", choices=("keras", "torch"),
+                   help="the LeNet's init: Keras's defaults, or PyTorch's (the authors')")
     p.add_argument("--train-examples", type=int, default=None, help="use only the first N training pairs")
     p.add_argument("--val-examples", type=int, default=10000,
                    help="training digits held out as validation (0: none, the authors' selection only)")
@@ -251,7 +255,7 @@ def make_weighting(method, args, weights=None):
 def settings(args, method):
     """The settings that identify a run besides method, seed, epochs and
     backend (a change in any of them is a new run)."""
-    return {
+    run_settings = {
         "lr": args.lr,
         "lr_decay": args.lr_decay,
         "lr_decay_every": args.lr_decay_every,
@@ -266,6 +270,11 @@ def settings(args, method):
         "val_examples": args.val_examples,
         "test_examples": args.test_examples,
     }
+    # Named only when not the default, so the records made before the flag
+    # existed keep their identity and a resumed campaign skips them.
+    if args.initializer != "keras":
+        run_settings["initializer"] = args.initializer
+    return run_settings
 
 
 def plan(args, backend):
@@ -529,7 +538,8 @@ def _build(args, weighting):
     import keras_mgda as km
 
     return km.models.multi_mnist_lenet(
-        weighting=weighting, dropout=args.dropout, dropout_variant=args.dropout_variant
+        weighting=weighting, dropout=args.dropout, dropout_variant=args.dropout_variant,
+        initializer=args.initializer,
     )
 
 
@@ -639,9 +649,12 @@ def _cpu_model():
     return f"{model} ({'avx512f' if 'avx512f' in flags else 'no avx512f'})"
 
 
+@functools.cache
 def _git_commit():
     # The checkout of the keras_mgda that runs, which need not be this
-    # script's (an editable install imported from another worktree).
+    # script's (an editable install imported from another worktree). Cached:
+    # `main` asks first, so a checkout that moves during a campaign does not
+    # relabel the runs that the imported code makes.
     import keras_mgda
 
     folder = Path(keras_mgda.__file__).resolve().parent
@@ -754,6 +767,7 @@ def main(argv=None):
         return []
     keras = _import_keras(args.backend)
     backend = keras.backend.backend()
+    _git_commit()  # the commit of the code imported now
     runs = plan(args, backend)
     done = {identity(run) for run in load_results(args.output)["runs"]}
     todo = [run for run in runs if identity(run) not in done]

@@ -149,6 +149,19 @@ def test_methods_cover_the_registry(bench):
     assert sorted(map(bench.identity, together)) == sorted(map(bench.identity, plan))
 
 
+def test_initializer_flag_is_a_new_run_and_the_default_keeps_committed_identities(bench):
+    committed = _runs(SCRIPT.parent / "results" / "multi_mnist.json")
+    recorded = {bench.identity(run) for run in committed}
+    # Made before the flag existed: the default plan still finds them done.
+    default = bench.plan(bench.parse_args(["--methods", "mgda_ub", "uniform", "--seeds", "0", "1", "2"]), "torch")
+    assert all(bench.identity(run) in recorded for run in default)
+    torch_init = bench.plan(bench.parse_args(["--methods", "mgda_ub", "--initializer", "torch"]), "torch")
+    assert torch_init[0]["settings"]["initializer"] == "torch"
+    assert bench.identity(torch_init[0]) not in recorded
+    model = bench._build(bench.parse_args(["--initializer", "torch"]), km.weighting.Uniform())
+    assert np.any(keras.ops.convert_to_numpy(model.get_layer("conv1").weights[1]) != 0)  # torch's biases
+
+
 def test_data_split_is_honest(bench):
     args = bench.parse_args(["--data", "digits", "--val-examples", "300"])
     splits = bench.load_data(args, seed=0)

@@ -177,6 +177,52 @@ def test_lenet_authors_dropout_variant_is_the_authors_masks():
         km.models.multi_mnist_lenet(dropout_variant="torch")
 
 
+# The LeNet's layers and the fan-in of each: PyTorch's default init draws
+# kernels and biases uniformly in +-1/sqrt(fan_in).
+LENET_FAN_IN = {"conv1": 1 * 5 * 5, "conv2": 10 * 5 * 5, "shared": 320,
+                "left_fc1": 50, "left": 50, "right_fc1": 50, "right": 50}
+
+
+def _torch_layer(name):
+    torch = pytest.importorskip("torch")
+    if name.startswith("conv"):
+        return torch.nn.Conv2d(LENET_FAN_IN[name] // 25, 10 if name == "conv1" else 20, 5)
+    return torch.nn.Linear(LENET_FAN_IN[name], 10 if name in ("left", "right") else 50)
+
+
+def test_lenet_torch_initializer_draws_as_pytorch_does():
+    keras.utils.set_random_seed(0)
+    model = km.models.multi_mnist_lenet(initializer="torch")
+    default = km.models.multi_mnist_lenet()
+    for name, fan_in in LENET_FAN_IN.items():
+        bound = 1.0 / np.sqrt(fan_in)
+        kernel, bias = (_numpy(w) for w in model.get_layer(name).weights)
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, name
+        # Uniform: std bound/sqrt(3), and draws reach near the bound.
+        assert np.abs(kernel).max() > 0.9 * bound, name
+        assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.25), name
+        assert np.all(bias != 0), name
+        # Keras's default is unchanged: Glorot kernels, zero biases.
+        assert np.all(_numpy(default.get_layer(name).weights[1]) == 0), name
+    with pytest.raises(ValueError, match="initializer"):
+        km.models.multi_mnist_lenet(initializer="he")
+
+
+@pytest.mark.parametrize("name", ["conv2", "shared", "left_fc1"])
+def test_lenet_torch_initializer_matches_pytorchs_own_layers(name):
+    # The peer: PyTorch's Conv2d and Linear of the same shapes, drawn by
+    # torch itself, have the same bound and spread as ours.
+    layer = _torch_layer(name)
+    keras.utils.set_random_seed(1)
+    ours = _numpy(km.models.multi_mnist_lenet(initializer="torch").get_layer(name).weights[0])
+    theirs = layer.weight.detach().numpy()
+    assert ours.size == theirs.size
+    assert np.abs(ours).max() == pytest.approx(np.abs(theirs).max(), rel=0.05)
+    assert ours.std() == pytest.approx(theirs.std(), rel=0.1)
+    bias_bound = np.abs(layer.bias.detach().numpy()).max()
+    assert bias_bound <= 1.0 / np.sqrt(LENET_FAN_IN[name])
+
+
 @pytest.mark.parametrize("weighting", [None, km.weighting.Uniform()], ids=["mgda_ub", "uniform"])
 def test_lenet_authors_dropout_variant_trains_saves_and_loads(tmp_path, weighting):
     keras.utils.set_random_seed(1)

@@ -1,5 +1,6 @@
 """The MultiMNIST LeNet of Sener & Koltun's code (`multi_lenet.py`)."""
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
 ]
 
 DROPOUT_VARIANTS = ("keras", "authors")
+INITIALIZERS = ("keras", "torch")
 
 
 @keras.saving.register_keras_serializable(package="keras_mgda")
@@ -106,12 +108,31 @@ def _head_dropout(rate, variant, task):
     return UnscaledDropout(rate, name=f"{task}_dropout")
 
 
+def _init(initializer, fan_in):
+    """Keras's defaults (Glorot-uniform kernels, zero biases), or PyTorch's
+    (kernels and biases uniform in +-1/sqrt(fan_in)), the authors' init."""
+    if initializer == "keras":
+        return {}
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        # Uniform in +-sqrt(3 * scale / fan_in): scale 1/3 gives PyTorch's bound.
+        "kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
+    }
+
+
+def _fan_in(tensor, kernel_size=1):
+    channels = tensor.shape[-1 if keras.config.image_data_format() == "channels_last" else 1]
+    return int(channels) * kernel_size * kernel_size
+
+
 def multi_mnist_lenet(
     weighting: WeightingLike = None,
     dropout: float = 0.5,
     input_shape: Shape = (28, 28, 1),
     name: str = "multi_mnist_lenet",
     dropout_variant: str = "keras",
+    initializer: str = "keras",
     **model_kwargs: Any,
 ) -> MultiTaskModel:
     """The authors' two-task LeNet for MultiMNIST, uncompiled.
@@ -133,6 +154,11 @@ def multi_mnist_lenet(
       both skipped at test time (`UnscaledDropout`), so test activations
       are about 1/(1 - rate) times the training ones.
 
+    Two initialisations: `"keras"` (default; Glorot-uniform kernels, zero
+    biases) and `"torch"`, PyTorch's default for `Conv2d` and `Linear`,
+    which the authors' code used: kernels and biases uniform in
+    +-1/sqrt(fan_in).
+
     Args:
         weighting: None for MGDA-UB (an `MGDAModel`), or any
             `keras_mgda.weighting.Weighting` (a `MultiTaskModel`).
@@ -140,6 +166,7 @@ def multi_mnist_lenet(
         input_shape: shape of one image.
         name: model name.
         dropout_variant: `"keras"` or `"authors"` (see above).
+        initializer: `"keras"` or `"torch"` (see above).
         **model_kwargs: passed to the model: MGDA options (`normalization`,
             `mode`, ...) when `weighting` is None, `on_nonfinite`, ...
 
@@ -164,21 +191,23 @@ def multi_mnist_lenet(
         raise ValueError(
             f"Unknown dropout_variant {dropout_variant!r}; use one of {DROPOUT_VARIANTS}."
         )
+    if initializer not in INITIALIZERS:
+        raise ValueError(f"Unknown initializer {initializer!r}; use one of {INITIALIZERS}.")
     images = keras.Input(input_shape, name="image")
-    h = keras.layers.Conv2D(10, 5, name="conv1")(images)
+    h = keras.layers.Conv2D(10, 5, name="conv1", **_init(initializer, _fan_in(images, 5)))(images)
     h = keras.layers.MaxPooling2D(2, name="pool1")(h)
     h = keras.layers.ReLU(name="relu1")(h)
-    h = keras.layers.Conv2D(20, 5, name="conv2")(h)
+    h = keras.layers.Conv2D(20, 5, name="conv2", **_init(initializer, _fan_in(h, 5)))(h)
     if dropout:
         h = _channel_dropout(dropout, dropout_variant)(h)
     h = keras.layers.MaxPooling2D(2, name="pool2")(h)
     h = keras.layers.ReLU(name="relu2")(h)
     h = keras.layers.Flatten(name="flatten")(h)
-    z = keras.layers.Dense(50, activation="relu", name="shared")(h)
+    z = keras.layers.Dense(50, activation="relu", name="shared", **_init(initializer, _fan_in(h)))(h)
     outputs = {}
     for task in ("left", "right"):
-        t = keras.layers.Dense(50, activation="relu", name=f"{task}_fc1")(z)
+        t = keras.layers.Dense(50, activation="relu", name=f"{task}_fc1", **_init(initializer, 50))(z)
         if dropout:
             t = _head_dropout(dropout, dropout_variant, task)(t)
-        outputs[task] = keras.layers.Dense(10, name=task)(t)
+        outputs[task] = keras.layers.Dense(10, name=task, **_init(initializer, 50))(t)
     return multi_task_model(images, outputs, weighting=weighting, name=name, **model_kwargs)
