@@ -79,6 +79,10 @@ def main():
         help="the authors' unscaled, batch-shared masks (default) or Keras's",
     )
     p.add_argument(
+        "--initializer", default="keras", choices=["keras", "torch"],
+        help="Keras's default init, or PyTorch's (the authors'; measured level with Keras's)",
+    )
+    p.add_argument(
         "--normalization", default="none", choices=list(km.solvers.NORMALIZATIONS),
         help="MGDA's gradient normalisation (the authors' MultiMNIST setting: none)",
     )
@@ -96,7 +100,8 @@ def main():
         if weighting is None:  # MGDA-UB with the MultiMNIST normalisation
             weighting = km.weighting.MGDA(normalization=args.normalization)
         return km.models.multi_mnist_lenet(
-            weighting=weighting, dropout=args.dropout, dropout_variant=args.dropout_variant
+            weighting=weighting, dropout=args.dropout, dropout_variant=args.dropout_variant,
+            initializer=args.initializer,
         )
 
     def compile_kwargs():
