@@ -162,6 +162,18 @@ def test_initializer_flag_is_a_new_run_and_the_default_keeps_committed_identitie
     assert np.any(keras.ops.convert_to_numpy(model.get_layer("conv1").weights[1]) != 0)  # torch's biases
 
 
+def test_commit_is_read_once_per_process(bench, monkeypatch):
+    # A campaign runs for hours from an editable checkout that may move
+    # meanwhile: the commit is the one read first, when the code was imported.
+    bench._git_commit.cache_clear()
+    first = bench.environment("torch")["commit"]
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert bench.environment("torch")["commit"] == first
+    assert calls == []
+    bench._git_commit.cache_clear()
+
+
 def test_data_split_is_honest(bench):
     args = bench.parse_args(["--data", "digits", "--val-examples", "300"])
     splits = bench.load_data(args, seed=0)
