@@ -7,8 +7,9 @@ the LeNet of `keras_mgda.models.multi_mnist_lenet` with their dropout
 (`--dropout-variant authors`), SGD with momentum 0.9, learning rate 0.05
 multiplied by 0.85 at every 10th epoch, batch 256, 100 epochs, MGDA's
 gradient normalisation "none". The LeNet starts from Keras's default
-initialisation unless `--initializer torch` asks for PyTorch's. Keras `fit` with `shuffle=True` on NumPy
-arrays (no TensorFlow needed), per-output sparse cross-entropy on logits.
+initialisation unless `--initializer torch` asks for PyTorch's. Keras `fit`
+with `shuffle=True` on NumPy arrays (no TensorFlow needed), per-output
+sparse cross-entropy on logits.
 
 Data and model selection. 10,000 of MNIST's 60,000 training digits (a fixed
 choice, the same in every run) are held out as validation, and the rest and
