@@ -108,12 +108,13 @@ def _head_dropout(rate, variant, task):
     return UnscaledDropout(rate, name=f"{task}_dropout")
 
 
-def _init(initializer, fan_in):
+def _init(initializer, inputs, kernel_size=1):
     """Keras's defaults (Glorot-uniform kernels, zero biases), or PyTorch's
-    (kernels and biases uniform in +-1/sqrt(fan_in)), the authors' init."""
+    (kernels and biases uniform in +-1/sqrt(fan_in)), the authors' init,
+    for a layer that reads `inputs`."""
     if initializer == "keras":
         return {}
-    bound = 1.0 / math.sqrt(fan_in)
+    bound = 1.0 / math.sqrt(_fan_in(inputs, kernel_size))
     return {
         # Uniform in +-sqrt(3 * scale / fan_in): scale 1/3 gives PyTorch's bound.
         "kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
@@ -121,9 +122,32 @@ def _init(initializer, fan_in):
     }
 
 
-def _fan_in(tensor, kernel_size=1):
+def _fan_in(tensor, kernel_size):
     channels = tensor.shape[-1 if keras.config.image_data_format() == "channels_last" else 1]
     return int(channels) * kernel_size * kernel_size
+
+
+def _trunk(images, dropout, dropout_variant, initializer):
+    """Conv 10@5x5, pool, ReLU, conv 20@5x5, dropout, pool, ReLU, dense 50
+    + ReLU: the shared representation Z."""
+    h = keras.layers.Conv2D(10, 5, name="conv1", **_init(initializer, images, 5))(images)
+    h = keras.layers.MaxPooling2D(2, name="pool1")(h)
+    h = keras.layers.ReLU(name="relu1")(h)
+    h = keras.layers.Conv2D(20, 5, name="conv2", **_init(initializer, h, 5))(h)
+    if dropout:
+        h = _channel_dropout(dropout, dropout_variant)(h)
+    h = keras.layers.MaxPooling2D(2, name="pool2")(h)
+    h = keras.layers.ReLU(name="relu2")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    return keras.layers.Dense(50, activation="relu", name="shared", **_init(initializer, h))(h)
+
+
+def _head(z, task, dropout, dropout_variant, initializer):
+    """Dense 50 + ReLU, dropout, dense 10 logits."""
+    t = keras.layers.Dense(50, activation="relu", name=f"{task}_fc1", **_init(initializer, z))(z)
+    if dropout:
+        t = _head_dropout(dropout, dropout_variant, task)(t)
+    return keras.layers.Dense(10, name=task, **_init(initializer, t))(t)
 
 
 def multi_mnist_lenet(
@@ -194,20 +218,6 @@ def multi_mnist_lenet(
     if initializer not in INITIALIZERS:
         raise ValueError(f"Unknown initializer {initializer!r}; use one of {INITIALIZERS}.")
     images = keras.Input(input_shape, name="image")
-    h = keras.layers.Conv2D(10, 5, name="conv1", **_init(initializer, _fan_in(images, 5)))(images)
-    h = keras.layers.MaxPooling2D(2, name="pool1")(h)
-    h = keras.layers.ReLU(name="relu1")(h)
-    h = keras.layers.Conv2D(20, 5, name="conv2", **_init(initializer, _fan_in(h, 5)))(h)
-    if dropout:
-        h = _channel_dropout(dropout, dropout_variant)(h)
-    h = keras.layers.MaxPooling2D(2, name="pool2")(h)
-    h = keras.layers.ReLU(name="relu2")(h)
-    h = keras.layers.Flatten(name="flatten")(h)
-    z = keras.layers.Dense(50, activation="relu", name="shared", **_init(initializer, _fan_in(h)))(h)
-    outputs = {}
-    for task in ("left", "right"):
-        t = keras.layers.Dense(50, activation="relu", name=f"{task}_fc1", **_init(initializer, 50))(z)
-        if dropout:
-            t = _head_dropout(dropout, dropout_variant, task)(t)
-        outputs[task] = keras.layers.Dense(10, name=task, **_init(initializer, 50))(t)
+    z = _trunk(images, dropout, dropout_variant, initializer)
+    outputs = {task: _head(z, task, dropout, dropout_variant, initializer) for task in ("left", "right")}
     return multi_task_model(images, outputs, weighting=weighting, name=name, **model_kwargs)
