@@ -150,8 +150,7 @@ def test_methods_cover_the_registry(bench):
 
 
 def test_initializer_flag_is_a_new_run_and_the_default_keeps_committed_identities(bench):
-    committed = _runs(SCRIPT.parent / "results" / "multi_mnist.json")
-    recorded = {bench.identity(run) for run in committed}
+    recorded = {bench.identity(run) for run in _runs(COMMITTED)}
     # Made before the flag existed: the default plan still finds them done.
     default = bench.plan(bench.parse_args(["--methods", "mgda_ub", "uniform", "--seeds", "0", "1", "2"]), "torch")
     assert all(bench.identity(run) in recorded for run in default)
