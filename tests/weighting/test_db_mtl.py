@@ -154,6 +154,7 @@ def test_degenerate_grams(num_tasks):
     assert np.all(np.isnan(weigh(built(num_tasks), np.eye(num_tasks), losses)))
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")

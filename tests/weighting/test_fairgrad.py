@@ -106,6 +106,7 @@ def test_single_task(alpha, engine):
     np.testing.assert_allclose(weigh(_instance(alpha), [[4.0]], engine=engine), [expected], rtol=2e-6)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")

@@ -187,6 +187,7 @@ def test_seeded_orders_are_reproducible(engine):
     assert len({d.tobytes() for d in draws}) > 1  # new orders and goals every step
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     """tf.function(jit_compile=True): XLA draws other orders, so the update
     is Algorithm 1's for one of them."""

@@ -133,6 +133,7 @@ def test_agrees_with_torchjd(num_tasks):
         assert error <= 2e-5, (seed, error)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")

@@ -87,6 +87,7 @@ def test_single_task(engine):
     np.testing.assert_allclose(weigh(make(NashMTL), [[4.0]], engine=engine), [0.5], rtol=1e-5)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
@@ -302,6 +303,7 @@ def test_update_weights_every_gives_nan_for_a_non_finite_gram_when_reusing():
     assert np.all(np.isnan(weigh(weighting, gram)))
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_update_weights_every_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
