@@ -4,6 +4,7 @@ launcher that bounds every wait and kills every process it started."""
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -73,11 +74,16 @@ class Job:
         self.kill()
 
     def start(self, argv, env, cwd=None):
+        """Starts `argv` in a process group of its own, so that ending it
+        ends whatever it started too (torchrun's workers, a launcher's)."""
         log = os.path.join(self.log_dir, f"process{len(self.procs)}.log")
         with open(log, "w") as out:
-            self.procs.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT))
+            proc = subprocess.Popen(
+                argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.procs.append(proc)
         self.logs.append(log)
-        return self.procs[-1]
+        return proc
 
     def wait(self, timeout, which=None):
         """Waits for the processes numbered `which` (default: all),
@@ -100,8 +106,10 @@ class Job:
         return "\n".join(f"--- process {i} ---\n{self.output(i, tail)}" for i in range(len(self.logs)))
 
     def kill(self):
+        """Ends every process group this job started that still has a
+        process (a group outlives its leader when the leader exits first)."""
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 

@@ -13,6 +13,7 @@ its engine's backend only.
 
 import json
 import os
+import subprocess
 import sys
 
 import keras
@@ -25,6 +26,7 @@ from multiprocess import worker_env
 
 BACKEND = keras.backend.backend()
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_worker_job.py")
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "multi_worker.py")
 # A job of a few tiny steps; most of it is starting the engines, slowly on
 # a shared 2-core machine.
 JOB_TIMEOUT = 300
@@ -102,13 +104,13 @@ def check_train(tmp_path, world, kinds, torchrun=()):
             np.testing.assert_array_equal(w, np.asarray(w_ref, dtype=w.dtype))
 
 
-def check_resume(tmp_path, world, message, die_at=(1, 0)):
+def check_resume(tmp_path, world, message, die_at=(1, 0), options=()):
     """The last worker dies at step `die_at`; the others fail with the
     engine's `message` (they do not wait forever); the restarted job
     resumes from the last backup and ends with the weights of an
     uninterrupted run."""
     die = ["--die-at", ",".join(map(str, die_at))]
-    codes, job = _run_job(tmp_path, world, "resume", *die)
+    codes, job = _run_job(tmp_path, world, "resume", *die, *options)
     assert codes[-1] == job_lib.DIED, job.output()
     for index in range(world - 1):
         assert codes[index] != 0 and message in job.output(index, tail=100_000), job.output()
@@ -127,6 +129,25 @@ def check_resumed(tmp_path, world, die_at):
         np.testing.assert_allclose(got["alpha"], expected["alpha"][steps_done:], atol=1e-6, err_msg=f"worker {rank}")
         for i, (w, w_ref) in enumerate(zip(got["weights"], expected["weights"], strict=True)):
             np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-6, err_msg=f"worker {rank}, weight {i}")
+
+
+def check_example(tmp_path):
+    """examples/multi_worker.py starts two workers (torch: through
+    torchrun) and each ends with the same task weights at every step and
+    the same test accuracies."""
+    out = tmp_path / "example"
+    argv = [sys.executable, EXAMPLE, "--engine", BACKEND, "--workers", "2", "--data", "digits", "--steps", "2",
+            "--batch-size", "32", "--test-examples", "64", "--output", str(out)]
+    with Job(tmp_path) as job:
+        job.start(argv, worker_env(BACKEND))
+        codes = job.wait(JOB_TIMEOUT)
+    assert codes == [0], job.output()
+    assert "largest difference between workers' task weights: 0.0e+00" in job.output(0, tail=100_000)
+    first, second = (json.loads((out / f"worker{rank}.json").read_text()) for rank in range(2))
+    assert np.shape(first["alphas"]) == (2, 2)
+    np.testing.assert_allclose(np.sum(first["alphas"], axis=1), 1.0, atol=1e-6)  # convex weights
+    assert second["alphas"] == first["alphas"] and second["accuracy"] == first["accuracy"]
+    assert all(0.0 <= value <= 1.0 for value in first["accuracy"].values())
 
 
 def check_stuck(tmp_path, world, timeout, message):
@@ -162,6 +183,12 @@ def test_tensorflow_collective_with_a_stuck_worker_times_out(tmp_path):
 
 @tensorflow_only
 @pytest.mark.slow
+def test_tensorflow_example(tmp_path):
+    check_example(tmp_path)
+
+
+@tensorflow_only
+@pytest.mark.slow
 def test_tensorflow_three_workers_match_one_process(tmp_path):
     check_train(tmp_path, 3, ["arrays", "tf.data", "PyDataset"])
 
@@ -174,6 +201,20 @@ jax_only = pytest.mark.skipif(BACKEND != "jax", reason="jax.distributed: jax bac
 @jax_only
 def test_jax_two_processes_match_one_process(tmp_path):
     check_train(tmp_path, 2, ["tf.data", "arrays"])
+
+
+@jax_only
+@pytest.mark.slow
+def test_jax_example(tmp_path):
+    check_example(tmp_path)
+
+
+@jax_only
+@pytest.mark.slow
+def test_jax_resume_after_a_process_dies(tmp_path):
+    # The coordination service misses the dead process's heartbeats
+    # (`heartbeat_timeout_seconds`) and ends the survivor.
+    check_resume(tmp_path, 2, message="JAX distributed service detected fatal errors", options=["--timeout", "20"])
 
 
 # PyTorch ----------------------------------------------------------------------
@@ -198,5 +239,36 @@ def test_torchrun_restarts_after_a_process_dies_and_resumes(tmp_path):
 
 
 @torch_only
+@pytest.mark.slow
+def test_torch_resume_after_a_process_dies(tmp_path):
+    # Without torchrun's agent: gloo fails the survivor's next collective.
+    check_resume(tmp_path, 2, message="by peer")
+
+
+@torch_only
 def test_torch_collective_with_a_stuck_process_times_out(tmp_path):
     check_stuck(tmp_path, 2, timeout=10, message="Timed out")
+
+
+@torch_only
+def test_torchrun_example(tmp_path):
+    check_example(tmp_path)
+
+
+@torch_only  # plain Python: one backend is enough
+def test_example_prints_each_hosts_command():
+    def commands(engine):
+        argv = [sys.executable, EXAMPLE, "--engine", engine, "--workers", "2", "--print-commands",
+                "--hosts", "node0,node1", "--port", "2345"]
+        printed = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+        return [line for line in printed.splitlines() if not line.startswith("#")]
+
+    for rank, line in enumerate(commands("tensorflow")):
+        config = json.loads(line.split("TF_CONFIG='")[1].split("'")[0])
+        assert config["cluster"] == {"worker": ["node0:2345", "node1:2345"]}
+        assert config["task"] == {"type": "worker", "index": rank}
+    for rank, line in enumerate(commands("jax")):
+        assert f"--worker --rank {rank} --addresses node0:2345" in line
+    torch_lines = commands("torch")
+    assert torch_lines[0] == torch_lines[1]  # torchrun's rendezvous assigns the ranks
+    assert "torchrun --nnodes=2 --nproc-per-node=1" in torch_lines[0] and "--rdzv-endpoint=node0:2345" in torch_lines[0]
