@@ -213,17 +213,27 @@ def _start_tensorflow(args):
 
 
 def datasets(args, rank, world):
-    """Training batches (the global batch on TensorFlow and JAX, whose
-    engines shard it; this process's share of it on torch) and test batches."""
-    import tensorflow as tf
-
+    """Training data and `evaluate`'s arguments: `tf.data` with the global
+    batches on TensorFlow and JAX (their engines shard them); on torch
+    (which shards nothing) this process's share of each global batch and
+    the whole test set, as NumPy arrays, without TensorFlow."""
     sys.path.insert(0, HERE)
     from multi_mnist import choose_source
 
-    import keras_mgda as km
-
     source, description = choose_source(args.data)
     print(f"worker {rank}: {description}", flush=True)
+    # Whole test batches that split evenly, so that every worker evaluates alike.
+    test_batch = min(1000, args.test_examples or 1000) // world * world
+    if args.engine == "torch":
+        return _torch_datasets(args, source, rank, world, test_batch)
+    return _tf_datasets(args, source, test_batch)
+
+
+def _tf_datasets(args, source, test_batch):
+    import tensorflow as tf
+
+    import keras_mgda as km
+
     train = km.datasets.multi_mnist("train", source=source, seed=args.seed)
     # The same shuffle on every worker (same seed), and whole batches only:
     # every worker must take the same number of steps.
@@ -233,16 +243,47 @@ def datasets(args, rank, world):
     test = km.datasets.multi_mnist("test", source=source, seed=args.seed)
     if args.test_examples is not None:
         test = test.take(args.test_examples)
-    # Whole batches that split evenly, so that every worker evaluates alike.
-    test_batch = min(1000, args.test_examples or 1000) // world * world
     test = test.batch(test_batch, drop_remainder=True)
-    if args.engine == "torch":  # torch shards nothing: take this process's rows
-        batches = train.cardinality()
-        train = train.rebatch(args.batch_size // world).shard(world, rank)
-        train = train.apply(tf.data.experimental.assert_cardinality(batches))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return train.with_options(options), test.with_options(options)
+    return train.with_options(options), {"x": test.with_options(options)}
+
+
+def _torch_datasets(args, source, rank, world, test_batch):
+    import keras
+    import numpy as np
+
+    import keras_mgda as km
+
+    class Share(keras.utils.PyDataset):
+        """This process's rows of each global batch, in an order every
+        process draws alike (same seed) and draws again each epoch."""
+
+        def __init__(self, x, y, global_batch, steps):
+            super().__init__()
+            self.x, self.y, self.global_batch, self.epoch = x, y, global_batch, 0
+            self.steps = min(steps or len(x), len(x) // global_batch)
+            self.order = np.random.default_rng(args.seed).permutation(len(x))
+
+        def __len__(self):
+            return self.steps
+
+        def __getitem__(self, index):
+            share = self.global_batch // world
+            start = index * self.global_batch + rank * share
+            rows = self.order[start:start + share]
+            return self.x[rows], {task: labels[rows] for task, labels in self.y.items()}
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.order = np.random.default_rng([args.seed, self.epoch]).permutation(len(self.x))
+
+    x, y = km.datasets.multi_mnist_arrays("train", source=source, seed=args.seed)
+    x_test, y_test = km.datasets.multi_mnist_arrays("test", source=source, seed=args.seed)
+    count = (args.test_examples or len(x_test)) // test_batch * test_batch
+    # Every process evaluates the whole test set (no collective needed).
+    test = {"x": x_test[:count], "y": {t: v[:count] for t, v in y_test.items()}, "batch_size": test_batch}
+    return Share(x, y, args.batch_size, args.steps), test
 
 
 def build_model(args):
@@ -299,8 +340,7 @@ def work(args):
     if args.backup_dir:
         callbacks.append(keras.callbacks.BackupAndRestore(os.path.join(args.backup_dir, f"worker{rank}")))
     model.fit(train, epochs=args.epochs, callbacks=callbacks, shuffle=False, verbose=2 if rank == 0 else 0)
-    # torch: every process evaluates the whole test set (no collective).
-    scores = model.evaluate(test, verbose=0, return_dict=True)
+    scores = model.evaluate(**test, verbose=0, return_dict=True)
     result = {"rank": rank, "engine": args.engine, "alphas": alphas.alphas,
               "accuracy": {task: float(scores[f"{task}_accuracy"]) for task in ("left", "right")}}
     os.makedirs(args.output, exist_ok=True)

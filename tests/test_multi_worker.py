@@ -20,9 +20,9 @@ import keras
 import multi_worker_job as job_lib
 import numpy as np
 import pytest
-from multiprocess import Job
-from multiprocess import free_ports
-from multiprocess import worker_env
+from worker_processes import Job
+from worker_processes import free_ports
+from worker_processes import worker_env
 
 BACKEND = keras.backend.backend()
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_worker_job.py")
