@@ -80,8 +80,7 @@ def build_before_tracing(model, iterator=None, data_batch=None):
     workers (`MultiWorkerMirroredStrategy`) that fails on the distributed
     batch. Here the dataset's element spec serves, so no batch is drawn and
     nothing crosses workers; a spec that is not a dense tensor's (ragged,
-    sparse) falls back to one local replica's batch across workers, and to
-    Keras's own build elsewhere.
+    sparse) is left to Keras.
 
     Returns:
         True when built, False to leave it to Keras.
@@ -89,8 +88,6 @@ def build_before_tracing(model, iterator=None, data_batch=None):
     strategy = _keras.distribute_strategy(model)
     if data_batch is None:
         data_batch = _spec_batch(_keras.epoch_dataset(iterator))
-    if data_batch is None and strategy is not None and _keras.reduces_across_workers(strategy):
-        data_batch = _local_replica_batch(iterator, strategy)
     if data_batch is None:
         return strategy is None  # without a strategy: built in the first trace
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -120,17 +117,6 @@ def _dense_spec(spec):
     parts = tf.nest.flatten(spec, expand_composites=True)
     if parts and all(type(p) is tf.TensorSpec and p == parts[0] for p in parts):
         return parts[0]
-    return None
-
-
-def _local_replica_batch(iterator, strategy):
-    """The first local replica's part of the epoch's first batch (drawing
-    it is a collective all workers take alike, as in Keras's own build)."""
-    if iterator is None:
-        return None
-    for _, _, batches in iterator:
-        batch = next(batches)
-        return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
     return None
 
 
