@@ -27,6 +27,7 @@ __all__ = [
     "inputs_struct",
     "loss_tracker",
     "outputs_struct",
+    "reduces_across_workers",
     "run_through_graph",
     "set_jax_state",
     "symbolic_build",
@@ -168,3 +169,14 @@ def torch_core_functions() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         _attribute(core, "get_device", where.format("get_device")),
         _attribute(core, "to_torch_dtype", where.format("to_torch_dtype")),
     )
+
+
+def reduces_across_workers(strategy: Any) -> bool:
+    """Whether Keras's TensorFlow trainer treats `strategy` as spanning
+    several workers (`MultiWorkerMirroredStrategy` with more than one), where
+    it reduces each step's logs with `strategy.reduce(..., axis=0)`."""
+    from keras.src.backend.tensorflow import trainer
+
+    where = "`keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker`"
+    check = _attribute(trainer, "_collective_all_reduce_multi_worker", where)
+    return bool(check(strategy))

@@ -181,9 +181,18 @@ class MultiTaskModel(keras.Model):
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # TensorFlow's trainer only: it defers the build to the first trace
-        # unless a strategy is set; building eagerly halves the first fit.
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        mtl_backend.build_before_tracing(self, iterator, data_batch)
+        # unless a strategy is set (building eagerly halves the first fit),
+        # and under a strategy it reduces a drawn batch across replicas,
+        # which fails across workers: build from the element spec instead.
+        if not mtl_backend.build_before_tracing(self, iterator, data_batch):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        # TensorFlow's trainer only: it reduces each step's logs across
+        # workers in a way that fails on scalars (see
+        # `keras_mgda.backend.tensorflow.distributed_step_function`).
+        step_function = mtl_backend.distributed_step_function(self, step_function)
+        return super()._make_function(step_function)
 
     def step_plan_for(self, data: Any) -> StepPlan:
         """The `StepPlan`, built from `data` if Keras has not built the
