@@ -104,19 +104,18 @@ def check_version(version: str | None = None) -> None:
     if _version_tuple(version) >= KERAS_FLOOR:
         return
     floor = ".".join(map(str, KERAS_FLOOR))
-    newest = ".".join(map(str, KERAS_NEWEST_TESTED))
     raise ImportError(
-        f"keras_mgda needs Keras {floor} or newer (tested with Keras {floor} to "
-        f"{newest}), but Keras {version} is installed. Upgrade it with:\n"
+        f"keras_mgda needs Keras {floor} or newer (tested with Keras "
+        f"{_tested_range()}), but Keras {version} is installed. Upgrade it with:\n"
         f'    pip install --upgrade "keras>={floor}"'
     )
 
 
-check_version()
-
-
 def _tested_range():
     return f"{'.'.join(map(str, KERAS_FLOOR))} to {'.'.join(map(str, KERAS_NEWEST_TESTED))}"
+
+
+check_version()
 
 
 def _missing(what):

@@ -3,6 +3,7 @@ relies on (`keras_mgda/_keras.py`), checked against the installed Keras: a
 release that moves one fails here, not in a user's training run."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -76,6 +77,28 @@ def test_every_private_name_is_noted():
     for internal in _keras.INTERNALS:
         assert internal.name.startswith("_") or internal.owner in ("JAXTrainer", "torch core")
         assert internal.note and internal.backend in (None, "tensorflow", "jax", "torch")
+
+
+# The trainer hooks MultiTaskModel overrides: the one place outside _keras.py
+# where their names may stand.
+OVERRIDES = {"_symbolic_build": "model.py", "_maybe_symbolic_build": "model.py"}
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="reads source files; one backend is enough")
+def test_private_keras_names_are_read_in_keras_module_only():
+    package = os.path.join(ROOT, "keras_mgda")
+    names = [i.name for i in _keras.INTERNALS if i.name.startswith("_")]
+    for folder, _, files in os.walk(package):
+        for file in files:
+            path = os.path.join(folder, file)
+            if not file.endswith(".py") or path == os.path.join(package, "_keras.py"):
+                continue
+            source = open(path, encoding="utf-8").read()
+            assert "keras.src" not in source, path
+            for name in names:
+                if OVERRIDES.get(name) == os.path.relpath(path, package):
+                    continue
+                assert not re.search(rf"[.\"']{name}\b", source), f"{path} reads {name}: go through _keras.py"
 
 
 def test_flat_losses_entries_have_the_fields_read(trained_model):
