@@ -235,7 +235,7 @@ def split_at(model: keras.Model, shared_tensor: keras.KerasTensor) -> tuple[kera
             "layer is called again."
         )
     # Checked here, not left to `keras.Model(shared_tensor, outputs)`:
-    # before Keras 3.13 that builds a "head" that silently ignores the path
+    # before Keras 3.14 that builds a "head" that silently ignores the path
     # around Z instead of raising "Graph disconnected".
     error = "an output depends on the inputs by a path around it" if not_a_cut else None
     if error is None:
