@@ -156,10 +156,12 @@ class MultiTaskModel(keras.Model):
 
     def _current_plan(self):
         plan = self.__dict__.get("_plan")
-        if plan is None or plan.compile_loss is not getattr(self, "_compile_loss", None):
+        if plan is None or plan.compile_loss is not _keras.compile_loss(self):
             return None
         return plan
 
+    # `_symbolic_build` and `_maybe_symbolic_build` are Keras trainer hooks
+    # (listed in `_keras.INTERNALS`).
     def _symbolic_build(self, *args, **kwargs):
         # Keras builds the optimizer here from `trainable_variables`; the
         # weighting's variables exist only once the tasks are known (after
@@ -299,7 +301,7 @@ def _layer_name(shared, shared_tensor):
         return None
     if isinstance(shared, str):
         return shared
-    operation = shared_tensor._keras_history[0]
+    operation = _keras.keras_history(shared_tensor)[0]
     return operation.name
 
 

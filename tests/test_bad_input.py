@@ -81,14 +81,12 @@ def state(model):
     """Every variable of the model, optimizer and weighting as NumPy arrays
     keyed by path, and every metric's variables but the step records.
 
-    `fit` and `train_on_batch` reset the metrics before the step, so the
-    state a failed step must leave is the reset one: zeros.
+    `fit` resets the metrics before the step, and so does `train_on_batch`
+    since Keras 3.15; resetting them here too makes the state a failed step
+    must leave the reset one on every Keras.
     """
-    variables = list(model.variables) + list(model.optimizer.variables)
-    result = {f"{v.path}#{id(v)}": np.zeros(v.shape, v.dtype) for v in _metric_variables(model)}
-    for v in variables:
-        result[f"{v.path}#{id(v)}"] = np.array(keras.ops.convert_to_numpy(v))
-    return result
+    model.reset_metrics()
+    return current_state(model)
 
 
 def current_state(model):
@@ -230,7 +228,9 @@ def test_label_out_of_range():
     errors = {"tensorflow": Exception, "torch": (IndexError, RuntimeError)}
     with pytest.raises(errors[BACKEND]) as raised:
         _step(model, x, y)
-    assert "7" in str(raised.value)
+    # The bad label, or (torch before Keras 3.14, whose cross-entropy
+    # one-hot encoded the labels first) the one-hot's own complaint.
+    assert "7" in str(raised.value) or "smaller than num_classes" in str(raised.value)
     assert_unchanged(before, model)
     with pytest.raises(errors[BACKEND]):
         _fit_one_batch(model, x, y)
@@ -246,6 +246,7 @@ def test_task_with_constant_loss_gets_no_weight():
     sample_weight = {task: np.ones(N, "float32") for task in TASKS}
     sample_weight["bin"][:] = 0.0
     before = model.get_layer("shared").get_weights()[0].copy()
+    model.reset_metrics()  # as `train_on_batch` does itself only since Keras 3.15
     logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
     assert logs["bin_alpha"] == 0.0 and logs["skipped_steps"] == 0.0
     assert logs["reg_alpha"] + logs["cls_alpha"] == pytest.approx(1.0, abs=1e-6)
