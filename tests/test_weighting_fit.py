@@ -26,7 +26,10 @@ STATEFUL = [
     "IMTL", "IMTLL", "LBTW", "MoCo", "PCGrad", "RLW", "STCH", "Uncertainty",
 ]
 # Stateful options of a method, each saved, loaded and continued like STATEFUL.
-VARIANTS = {"NashMTL(update_weights_every=3)": lambda: km.weighting.NashMTL(update_weights_every=3)}
+VARIANTS = {
+    "NashMTL(update_weights_every=3)": lambda: km.weighting.NashMTL(update_weights_every=3),
+    "DBMTL(mode='parameters')": lambda: km.weighting.DBMTL(mode="parameters"),
+}
 
 
 def _methods():
