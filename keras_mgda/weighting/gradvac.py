@@ -26,8 +26,9 @@ class GradVac(GradientWeighting):
 
     and the goal follows an exponential moving average of the observed
     cosines, phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij (for every
-    visited pair, as in the paper and torchjd; LibMTL updates only the
-    corrected ones). The shared weights follow sum_i g_i^PC. As in torchjd,
+    visited pair, corrected or not, as in the paper, torchjd and LibMTL;
+    LibMTL's versions before its "fix a bug in GradVac" updated only the
+    corrected pairs). The shared weights follow sum_i g_i^PC. As in torchjd,
     every g_i^PC is a combination of the task gradients, so the method runs
     on the Gram matrix, and the weight of task k is the sum over i of the
     coefficient of g_k in g_i^PC. With goals 0 (the start) it is PCGrad's
