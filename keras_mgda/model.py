@@ -269,7 +269,10 @@ class MultiTaskModel(keras.Model):
             arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
             arguments.arguments.pop("self")
             callbacks = list(arguments.arguments.get("callbacks") or [])
-            callbacks.append(_WeightingEpochHook())
+            # First: a callback that saves at the epoch's end (BackupAndRestore,
+            # ModelCheckpoint) must save the epoch rolled over (DWA's means), or
+            # a run resumed from that save never rolls that epoch over.
+            callbacks.insert(0, _WeightingEpochHook())
             arguments.arguments["callbacks"] = callbacks
             return super().fit(*arguments.args, **arguments.kwargs)
         return super().fit(*args, **kwargs)
