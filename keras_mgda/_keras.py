@@ -31,6 +31,7 @@ __all__ = [
     "compile_loss",
     "compile_loss_trackers",
     "compile_metrics",
+    "metrics_by_output",
     "compute_loss",
     "distribute_strategy",
     "epoch_dataset",
@@ -178,6 +179,22 @@ def compile_loss_trackers(model: keras.Model) -> list[keras.metrics.Metric]:
 def compile_metrics(model: keras.Model) -> Any:
     """The model's `CompileMetrics`, or None."""
     return _attribute(model, "_compile_metrics")
+
+
+def metrics_by_output(compile_metrics: Any) -> list[tuple[str | None, keras.metrics.Metric]]:
+    """(output name, metric) for every compiled metric, from
+    `CompileMetrics._flat_metrics` / `_flat_weighted_metrics` (one entry
+    per flattened output); the name is None where Keras has none."""
+    if not compile_metrics.built:
+        return []
+    names = list(getattr(compile_metrics, "output_names", None) or [])
+    pairs = []
+    for flat in ("_flat_metrics", "_flat_weighted_metrics"):
+        for index, entry in enumerate(_attribute(compile_metrics, flat, f"`CompileMetrics.{flat}`")):
+            metrics = getattr(entry, "metrics", [] if entry is None else [entry])
+            name = names[index] if index < len(names) else None
+            pairs.extend((name, metric) for metric in metrics)
+    return pairs
 
 
 def loss_tracker(model: keras.Model) -> keras.metrics.Mean:

@@ -13,6 +13,7 @@ from keras_mgda import weighting as weighting_lib
 from keras_mgda.step import Split
 from keras_mgda.step import StepPlan
 from keras_mgda.step import build_plan
+from keras_mgda.step import diagnosis
 from keras_mgda.types import WeightingLike
 
 __all__ = ["MGDAModel", "MultiTaskModel", "NONFINITE_POLICIES"]
@@ -172,6 +173,11 @@ class MultiTaskModel(keras.Model):
             optimizer.built = True
         try:
             super()._symbolic_build(*args, **kwargs)
+        except Exception as error:
+            renamed = self._with_failing_task(error)
+            if renamed is error:
+                raise
+            raise renamed from error
         finally:
             if defer:
                 optimizer.built = False
@@ -215,6 +221,32 @@ class MultiTaskModel(keras.Model):
             _keras.symbolic_build(self, data)
         return self._prepare_plan()
 
+    def _with_failing_task(self, error):
+        """An error a task's loss or metric raised while Keras built the
+        compiled loss and metrics (before the step records the losses),
+        with the task named: the one whose loss or metric object the
+        failing frames were running."""
+        owners = self._loss_and_metric_owners()
+        traceback = error.__traceback__
+        while traceback is not None:
+            for value in traceback.tb_frame.f_locals.values():
+                if id(value) in owners:
+                    what, task = owners[id(value)]
+                    return diagnosis.renamed_for_task(error, task, what)
+            traceback = traceback.tb_next
+        return error
+
+    def _loss_and_metric_owners(self):
+        """{id of a compiled loss or metric object: ("loss" or "metric",
+        the task (output) it belongs to)}."""
+        compile_loss = _keras.compile_loss(self)
+        entries = _keras.flat_losses(compile_loss) if compile_loss is not None and compile_loss.built else []
+        owners = {id(entry.loss): ("loss", entry.name) for entry in entries}
+        compile_metrics = _keras.compile_metrics(self)
+        for output, metric in [] if compile_metrics is None else _keras.metrics_by_output(compile_metrics):
+            owners.setdefault(id(metric), ("metric", output or metric.name))
+        return owners
+
     def _prepare_plan(self):
         plan = self._current_plan()
         if plan is None:
@@ -248,7 +280,10 @@ class MultiTaskModel(keras.Model):
             arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
             arguments.arguments.pop("self")
             callbacks = list(arguments.arguments.get("callbacks") or [])
-            callbacks.append(_WeightingEpochHook())
+            # First: a callback that saves at the epoch's end (BackupAndRestore,
+            # ModelCheckpoint) must save the epoch rolled over (DWA's means), or
+            # a run resumed from that save never rolls that epoch over.
+            callbacks.insert(0, _WeightingEpochHook())
             arguments.arguments["callbacks"] = callbacks
             return super().fit(*arguments.args, **arguments.kwargs)
         return super().fit(*args, **kwargs)

@@ -21,7 +21,10 @@ METHODS = [
     "ScaleInvariant", "Static", "UPGrad", "Uncertainty", "Uniform",
 ]
 # Stateful options of a method, trained and resumed like the methods.
-VARIANTS = {"NashMTL(update_weights_every=3)": lambda: km.weighting.NashMTL(update_weights_every=3)}
+VARIANTS = {
+    "NashMTL(update_weights_every=3)": lambda: km.weighting.NashMTL(update_weights_every=3),
+    "DBMTL(mode='parameters')": lambda: km.weighting.DBMTL(mode="parameters"),
+}
 
 
 def _make(name):

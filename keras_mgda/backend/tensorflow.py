@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_mgda import _keras
+from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
 __all__ = [
@@ -407,11 +408,16 @@ def train_step(model, data):
     step = _gram_step if plan.needs_gram else _loss_step
     result = step(model, plan, batch)
     decision = _decide(model, plan, result)
+    if plan.on_nonfinite == "raise":  # before `_after_update` records other data
+        predictions = diagnosis.task_predictions(result.y_pred, plan.task_outputs)
+        task, cause = diagnosis.on_bad_step(
+            plan.recorded, plan.num_tasks, batch.x, predictions, decision.step_ok, decision.bad_index
+        )
     _apply_if(decision.step_ok, model.optimizer, result.grads, model.trainable_variables)
     if plan.needs_losses_after_update:
         _after_update(model, plan, batch, result.task_losses, decision.step_ok)
     if plan.on_nonfinite == "raise":
-        plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
+        plan.trackers.nonfinite.update_state(decision.step_ok, task, cause)
     total = result.losses.total * _replicas()  # Keras pre-scales each replica's loss by 1/R
     phases.update_metrics(
         model, plan, batch, result.y_pred, total, result.weights, decision.logged_ok, result.gram
@@ -429,16 +435,20 @@ def wrap_train_function(model, train_function):
     def checked(iterator):
         try:
             logs = train_function(iterator)
-        except BaseException:
+        except BaseException as error:
             _restore_snapshots(model)
-            raise
+            plan = model.step_plan
+            renamed = error if plan is None else diagnosis.task_exception(plan.task_names, error, plan.recorded, None)
+            if renamed is error:
+                raise
+            raise renamed from error
         plan = model.step_plan
         if plan is not None and plan.on_nonfinite == "raise":
-            flag = plan.trackers.nonfinite.task_plus_one
+            flag, cause = plan.trackers.nonfinite.task_plus_one, plan.trackers.nonfinite.cause
             bad = int(flag.numpy())
             if bad:
                 flag.assign(0.0)
-                raise phases.nonfinite_error(plan, bad - 1)
+                raise diagnosis.error_for(plan.task_names, bad - 1, int(cause.numpy()), plan.recorded)
         return logs
 
     return checked
