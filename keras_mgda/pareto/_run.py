@@ -50,8 +50,11 @@ class Run:
         self.task_names = list(task_names)
         self.options = options
         self.num_tasks = len(self.task_names)
+        # Passes of each kind, and the examples they ran over (a pass over
+        # a step's sample counts its examples, one over all the data all).
         self.cost = {
             "gradient_passes": 0, "jvp_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
+            "gradient_examples": 0, "jvp_examples": 0, "hvp_examples": 0, "evaluation_examples": 0,
             "minres_iterations": [], "examples": data.count, "seconds": 0.0,
         }
         self._rng = np.random.default_rng(options["seed"])
@@ -83,6 +86,10 @@ class Run:
         self.shares = [size / total for size in sizes]
         self.cost["examples_per_pass"] = total
 
+    def _count(self, kind, passes=1, examples=None):
+        self.cost[f"{kind}_passes"] += passes
+        self.cost[f"{kind}_examples"] += passes * (self.cost["examples_per_pass"] if examples is None else examples)
+
     def _average(self, primitive, *args):
         """The average of a per-batch primitive's result over the batches."""
         return mtl_backend.batch_average(primitive, self.model, self.variables, self.batches, self.shares, *args)
@@ -92,7 +99,7 @@ class Run:
         backward pass."""
         coefficients = np.asarray(coefficients, np.float32)
         losses, grads = self._average(mtl_backend.weighted_gradient, coefficients)
-        self.cost["gradient_passes"] += 1
+        self._count("gradient")
         return np.asarray(keras.ops.convert_to_numpy(losses), np.float64), list(grads)
 
     def point(self, where, beta=None):
@@ -109,7 +116,7 @@ class Run:
             losses, g_t = self.combined(np.eye(num_tasks)[t])
             _checks.check_finite_losses(losses, self.task_names, where)
             gram[:, t] = keras.ops.convert_to_numpy(self._average(mtl_backend.task_jvp, g_t))
-            self.cost["jvp_passes"] += 1
+            self._count("jvp")
             if beta is not None and beta[t] != 0:
                 part = [float(beta[t]) * g for g in g_t]
                 rhs = part if rhs is None else [r + p for r, p in zip(rhs, part, strict=True)]
@@ -137,7 +144,7 @@ class Run:
             v, iterations, residual = mtl_backend.hessian_solve(*system, point.rhs, minres, **settings)
         iterations = int(keras.ops.convert_to_numpy(iterations))
         self.cost["minres_iterations"].append(iterations)
-        self.cost["hvp_passes"] += iterations
+        self._count("hvp", iterations)
         return v, float(keras.ops.convert_to_numpy(residual))
 
     def move(self, vectors, scale):
@@ -156,7 +163,7 @@ class Run:
         metrics, on the exploration's data."""
         x, y, batch_size = self.data.source
         metrics = self.model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
-        self.cost["evaluation_passes"] += 1
+        self._count("evaluation", examples=self.data.count)
         losses = [metrics[f"{name}_loss"] * w for name, w in zip(plan.task_names, plan.loss_weights, strict=True)]
         _checks.check_finite_losses(losses, self.task_names, where)
         return np.asarray(losses, np.float64), {k: float(v) for k, v in metrics.items()}

@@ -43,11 +43,12 @@ class ParetoFront:
             alpha the min-norm weights (0 on the Pareto set).
         stopped: `{direction: message}` for the directions that stopped
             before their last step, and why.
-        cost: what the exploration cost: full-data backward passes
-            (`gradient_passes`, each the gradient of one combination of
-            the losses), forward-mode passes (`jvp_passes`, each J v),
-            Hessian-vector products (`hvp_passes`) and `evaluate`
-            (`evaluation_passes`), MINRES iterations per solve, the
+        cost: what the exploration cost: backward passes (`gradient_passes`,
+            each the gradient of one combination of the losses), forward-mode
+            passes (`jvp_passes`, each J v), Hessian-vector products
+            (`hvp_passes`) and `evaluate` calls (`evaluation_passes`), each
+            with the examples they ran over (`<kind>_examples`), MINRES
+            iterations per solve (retries at a raised damping included), the
             number of examples and the wall time in seconds.
         model: the model `restore` and `interpolate` set by default (not
             saved).

@@ -131,6 +131,11 @@ def test_sampling_all_batches_is_the_full_data_walk():
     assert sampled.cost["gradient_passes"] == full.cost["gradient_passes"] + 2 * (2 - 1)
     assert sampled.cost["jvp_passes"] == full.cost["jvp_passes"] + 2 * 2
     assert sampled.cost["examples_per_pass"] == 2 and full.cost["examples_per_pass"] == 8
+    # Examples per kind: the start's passes over all 8, a sampled step's over 2.
+    assert full.cost["gradient_examples"] == 8 * full.cost["gradient_passes"]
+    assert sampled.cost["gradient_examples"] == 8 * 2 + 2 * (2 * 2 + 2 * 2 * 2)
+    assert sampled.cost["hvp_examples"] == 2 * sampled.cost["hvp_passes"]
+    assert sampled.cost["evaluation_examples"] == 8 * (1 + 2 * 2)
 
 
 @pytest.mark.filterwarnings("ignore:The start is not near Pareto-stationary")  # an untrained network
