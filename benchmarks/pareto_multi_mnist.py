@@ -71,6 +71,22 @@ def start_name(start):
     return f"{start['method']}-seed{start['seed']}"
 
 
+def _fit_with_checkpoints(campaign, keras, model, splits, name, flags, folder, epochs):
+    """`benchmarks/multi_mnist.py`'s fit, also saving the weights after each
+    epoch in `epochs` (`epoch<N>.weights.h5`: partly trained starts)."""
+
+    class Checkpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 in epochs:
+                self.model.save_weights(str(folder / f"epoch{epoch + 1}.weights.h5"))
+
+    x, y = splits["train"]
+    evaluation = campaign.make_epoch_callback(keras, campaign.TASKS, splits, name, flags)
+    model.fit(x, y, batch_size=flags.batch_size, epochs=flags.epochs, shuffle=True, verbose=0,
+              callbacks=[campaign._schedule(keras, flags), evaluation, Checkpoint()])
+    return evaluation.history
+
+
 def train_starts(args):
     """Trains every start not saved yet; saves `model.weights.h5` and
     `train.json` (per-epoch history, seconds) in its folder."""
@@ -88,7 +104,8 @@ def train_starts(args):
         model = campaign._build(flags, campaign.make_weighting(start["method"], flags, start.get("weights")))
         campaign._compile(keras, model, flags, campaign.TASKS)
         started = time.perf_counter()
-        history = campaign._fit(keras, model, campaign.TASKS, splits, start_name(start), flags)
+        history = _fit_with_checkpoints(campaign, keras, model, splits, start_name(start), flags, folder,
+                                        args.checkpoints)
         seconds = time.perf_counter() - started
         model.save_weights(str(folder / "model.weights.h5"))
         record = dict(start, epochs=args.epochs, backend=keras.backend.backend(), wall_seconds=round(seconds, 2),
@@ -283,6 +300,8 @@ def parse_args(argv=None):
     p.add_argument("stage", choices=("train", "compare"))
     p.add_argument("--starts", nargs="+", type=parse_start, default=[parse_start("mgda_ub:0")])
     p.add_argument("--epochs", type=int, default=100, help="training epochs of each start (train)")
+    p.add_argument("--checkpoints", nargs="*", type=int, default=[],
+                   help="also save the weights after these epochs (train)")
     p.add_argument("--runs", default=str(DEFAULT_RUNS), help=f"where models are saved, default {DEFAULT_RUNS}")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"comparison JSON, default {DEFAULT_OUTPUT}")
     p.add_argument("--explore", default=DEFAULT_EXPLORE, help="explore()'s keyword arguments, as JSON")
