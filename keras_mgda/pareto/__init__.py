@@ -4,6 +4,8 @@
   solving (H + damping I) v = J^T beta with MINRES on exact Hessian-vector
   products, step by step, each step checked to lower the chosen
   combination of the losses; returns a `ParetoFront`.
+- `stationarity_of`: how far a model is from Pareto stationarity, as
+  `explore` checks its start.
 - `ParetoFront`: the points, their losses, metrics and weights; `restore`,
   `interpolate`, `pareto_mask`, `plot`, `save` / `load`.
 - `minres` (in `keras.ops`, jit-able) and `scipy_minres` (SciPy on the
@@ -15,6 +17,7 @@ from keras_mgda.pareto.explore import DEFAULT_SOLVER
 from keras_mgda.pareto.explore import SOLVERS
 from keras_mgda.pareto.explore import START_STATIONARITY_WARNING
 from keras_mgda.pareto.explore import explore
+from keras_mgda.pareto.explore import stationarity_of
 from keras_mgda.pareto.front import ParetoFront
 from keras_mgda.pareto.hypervolume import hypervolume
 from keras_mgda.pareto.hypervolume import pareto_mask
@@ -33,4 +36,5 @@ __all__ = [
     "pareto_mask",
     "plot_front",
     "scipy_minres",
+    "stationarity_of",
 ]

@@ -43,7 +43,7 @@ from keras_mgda.pareto._run import Run
 from keras_mgda.pareto._run import stationarity
 from keras_mgda.pareto.front import ParetoFront
 
-__all__ = ["DEFAULT_SOLVER", "SOLVERS", "START_STATIONARITY_WARNING", "explore"]
+__all__ = ["DEFAULT_SOLVER", "SOLVERS", "START_STATIONARITY_WARNING", "explore", "stationarity_of"]
 
 SOLVERS = _checks.SOLVERS
 # The faster of the two on CPU (benchmarks/pareto_solvers.py, docs/pareto.md).
@@ -204,6 +204,49 @@ def _explore(model, data, plan, betas, variables, options):
     front.stopped = _walk.trace(run, plan, betas, start, front, progress)
     front.cost = run.cost
     return front
+
+
+def stationarity_of(model, x, y=None, *, batch_size=None, trainable="all"):
+    """How far a model is from Pareto stationarity on some data, as
+    `explore` measures its start: |sum_t alpha_t g_t| / max_t |g_t|, with
+    g_t the task gradients averaged over all of `x` and alpha their
+    min-norm weights (0 on the Pareto set, 1 when the gradients do not
+    conflict at all). Changes no variable.
+
+    Args:
+        model: a compiled `keras_mgda.MultiTaskModel` with at least 2 tasks.
+        x: the data, as for `explore`.
+        y: the targets, with array `x`.
+        batch_size: batch size for arrays (default 1024).
+        trainable: `"all"` or `"shared"`, as for `explore`.
+
+    Returns:
+        A float.
+
+    Example:
+
+    ```python
+    if keras_mgda.pareto.stationarity_of(model, x, y) > keras_mgda.pareto.START_STATIONARITY_WARNING:
+        model.fit(x, y, epochs=10)  # train further before exploring
+    ```
+    """
+    options = _options(**_DEFAULTS, batch_size=batch_size)
+    _checks.check_options(options)
+    data = _data.as_data(x, y, batch_size)
+    plan = model.step_plan_for(tuple(data.batches[0]))
+    if plan.num_tasks < 2:
+        raise ValueError("Pareto stationarity needs at least two tasks (outputs compiled with a loss).")
+    run = Run(model, _variables(model, trainable), data, plan.task_names, options)
+    point = run.point("the data passed")
+    return stationarity(point.gram, point.alpha)
+
+
+# explore's settings that `stationarity_of` does not use, at their defaults.
+_DEFAULTS = dict(
+    steps=10, step_size=0.1, correction_steps=0, correction_step_size=None, minres_iters=50, tol=1e-5,
+    damping=0.1, max_damping=1e4, min_descent=1e-3, solver=DEFAULT_SOLVER, sample_batches=None, seed=None,
+    verbose=0,
+)
 
 
 def _options(**options):

@@ -91,7 +91,10 @@ def test_a_start_off_the_front_is_flagged_with_its_stationarity():
     with pytest.warns(RuntimeWarning, match=rf"not near Pareto-stationary: .* = {expected:.3g} > .*correction_steps"):
         front = km.pareto.explore(model, problem.x, problem.y, steps=1, verbose=0)
     np.testing.assert_allclose(front.stationarity[0], expected, rtol=1e-4)
-    keras.ops.convert_to_numpy(model.get_layer("theta").kernel)  # still usable
+    # The same measure, without exploring.
+    np.testing.assert_allclose(km.pareto.stationarity_of(model, problem.x, problem.y), expected, rtol=1e-4)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("theta").kernel),
+                                  theta[None].astype(np.float32))
 
 
 def test_progress_follows_keras_verbose_auto(capsys):
