@@ -18,8 +18,14 @@ accuracies, diagnostics and costs to `--output`; the comparison (hypervolume,
 non-dominated points, spread, cost ratios) is
 `benchmarks/pareto_multi_mnist_report.py`'s.
 
+Stage `stationarity` measures `keras_mgda.pareto.stationarity_of` for
+every saved model of each start (the final one and the `--checkpoints` of
+training), on all its training pairs and on the exploration's subset.
+
 Usage:
     KERAS_BACKEND=torch OMP_NUM_THREADS=1 python benchmarks/pareto_multi_mnist.py train \\
+        --starts mgda_ub:0 mgda_ub:1 mgda_ub:2 grid:0:0.833333 --checkpoints 1 3 10 30
+    KERAS_BACKEND=torch OMP_NUM_THREADS=1 python benchmarks/pareto_multi_mnist.py stationarity \\
         --starts mgda_ub:0 mgda_ub:1 mgda_ub:2 grid:0:0.833333
     KERAS_BACKEND=torch OMP_NUM_THREADS=1 python benchmarks/pareto_multi_mnist.py compare \\
         --starts mgda_ub:0 mgda_ub:1 mgda_ub:2 grid:0:0.833333 --fine-tune-epochs 1 2
@@ -125,15 +131,15 @@ def _final_lr(flags):
     return flags.lr * flags.lr_decay ** (flags.epochs // flags.lr_decay_every)
 
 
-def load_model(campaign, keras, flags, folder, weighting=None):
-    """A compiled LeNet with a start's weights (MGDA-UB's weighting unless
-    given: exploration reads only the compiled losses)."""
+def load_model(campaign, keras, flags, weights, weighting=None):
+    """A compiled LeNet with the weights of a `.weights.h5` (MGDA-UB's
+    weighting unless given: exploration reads only the compiled losses)."""
     import keras_mgda as km
 
     model = campaign._build(flags, weighting or km.weighting.MGDA(normalization="none"))
     # Before compiling: the file's optimizer slots are not wanted (a fresh
     # SGD momentum for each fine-tune).
-    model.load_weights(str(Path(folder) / "model.weights.h5"))
+    model.load_weights(str(weights))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.SGD(_final_lr(flags), momentum=flags.momentum),
                   loss={t: loss for t in campaign.TASKS}, metrics={t: ["accuracy"] for t in campaign.TASKS})
@@ -198,7 +204,7 @@ def fine_tunes(campaign, keras, flags, folder, train, test, epoch_counts):
 
     for weights in campaign.grid_weights(5):
         keras.utils.set_random_seed(0)
-        model = load_model(campaign, keras, flags, folder, km.weighting.Static(weights))
+        model = load_model(campaign, keras, flags, Path(folder) / "model.weights.h5", km.weighting.Static(weights))
         score = Score()
         score.weights, score.seconds = [weights[t] for t in campaign.TASKS], 0.0
         model.fit(train[0], train[1], batch_size=flags.batch_size, epochs=max(epoch_counts), shuffle=True,
@@ -243,7 +249,7 @@ def compare_start(campaign, keras, flags, start, args, test):
     with open(folder / "train.json") as handle:
         trained = json.load(handle)
     train = campaign.load_data(flags, start["seed"])["train"]
-    model = load_model(campaign, keras, flags, folder)
+    model = load_model(campaign, keras, flags, folder / "model.weights.h5")
     record = {"start": start, "name": start_name(start), "training": {
         "epochs": trained["epochs"], "train_seconds": trained["train_seconds"],
         "example_gradients": trained["epochs"] * len(train[0])}}
@@ -254,6 +260,42 @@ def compare_start(campaign, keras, flags, start, args, test):
     if args.unit_costs and "unit_costs" not in args.results:
         args.results["unit_costs"] = unit_costs(model, train)
     return record
+
+
+def _epochs_of(path):
+    """N for `epochN.weights.h5`, None for `model.weights.h5` (the final one)."""
+    name = path.name.split(".")[0]
+    return int(name[len("epoch"):]) if name.startswith("epoch") else None
+
+
+def stationarity(args):
+    """The stationarity measure of every saved model of each start (final
+    and checkpoints) on all its training pairs and on the exploration's
+    subset, with its test accuracies."""
+    import keras_mgda as km
+
+    campaign = _campaign()
+    keras = campaign._import_keras(None)
+    flags = campaign.parse_args(["--epochs", "100"])
+    test = campaign.load_data(flags, TEST_SEED)["test"]
+    results = json.load(open(args.output)) if os.path.exists(args.output) else {"starts": []}
+    table = results.setdefault("stationarity", {})
+    for start in args.starts:
+        folder = Path(args.runs) / start_name(start)
+        train = campaign.load_data(flags, start["seed"])["train"]
+        order = np.random.default_rng(args.explore_seed).permutation(len(train[0]))[:args.explore_examples]
+        subset = (train[0][order], {t: v[order] for t, v in train[1].items()})
+        with open(folder / "train.json") as handle:
+            trained_epochs = json.load(handle)["epochs"]
+        for path in sorted(folder.glob("*.weights.h5")):
+            model = load_model(campaign, keras, flags, path)
+            epochs = _epochs_of(path) or trained_epochs
+            entry = {"epochs": epochs, "all_training_pairs": km.pareto.stationarity_of(model, *train),
+                     "exploration_subset": km.pareto.stationarity_of(model, *subset),
+                     "test_accuracies": test_scores(model, test, campaign.TASKS)["accuracies"]}
+            table.setdefault(start_name(start), {})[str(epochs)] = entry
+            print(f"{start_name(start)} epoch {epochs}: {entry}", flush=True)
+    _write(args.output, results)
 
 
 def _write(path, results):
@@ -297,7 +339,7 @@ DEFAULT_EXPLORE = ('{"batch_size": 512, "sample_batches": 2, "minres_iters": 3, 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("train", "compare"))
+    p.add_argument("stage", choices=("train", "compare", "stationarity"))
     p.add_argument("--starts", nargs="+", type=parse_start, default=[parse_start("mgda_ub:0")])
     p.add_argument("--epochs", type=int, default=100, help="training epochs of each start (train)")
     p.add_argument("--checkpoints", nargs="*", type=int, default=[],
@@ -318,8 +360,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.stage == "train":
         train_starts(args)
-    else:
+    elif args.stage == "compare":
         compare(args)
+    else:
+        stationarity(args)
 
 
 if __name__ == "__main__":
