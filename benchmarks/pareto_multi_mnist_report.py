@@ -161,6 +161,30 @@ def comparison(results, grid):
     return lines, numbers, reference
 
 
+VARIANT_HEADER = ["| exploration setting | points | HV loss / (b) x1 | HV error / (b) x1 | HV error / (a) | "
+                  "on the joint front (error) | cost / (b) x1 (gradient passes) | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def variants(results, grid):
+    """Markdown rows: each exploration setting tried from a start, against
+    that start's fine-tunes and the grid."""
+    unit, reference = results["unit_costs"], references(results, grid)
+    main = {record["name"]: record for record in results["starts"]}
+    lines = list(VARIANT_HEADER)
+    for record in [r for r in results["starts"] if results.get("variants")] + results.get("variants", []):
+        base = main[record["name"].split(":")[0]]
+        sets = start_sets(dict(base, explored=record["explored"]), unit)
+        sets["(a) grid"] = grid
+        m = measure(sets, reference)
+        e, b, a = m["explored"], m["fine-tune x1"], m["(a) grid"]
+        lines.append(f"| `{json.dumps(record.get('explore_settings', results['settings']['explore']))}` | "
+                     f"{e['points']} | {e['hv_loss'] / b['hv_loss']:.2f} | {e['hv_error'] / b['hv_error']:.3f} | "
+                     f"{e['hv_error'] / a['hv_error']:.3f} | {e['front_error']} | "
+                     f"{e['cost']['gradients'] / b['cost']['gradients']:.2f} | {e['cost']['seconds']:.0f} |")
+    return lines
+
+
 def _join(sets):
     joined = {key: np.concatenate([s[key] for s in sets]) for key in ("losses", "errors")}
     joined["cost"] = {k: sum(s["cost"][k] for s in sets) for k in ("gradients", "seconds")}
@@ -219,6 +243,9 @@ def main(argv=None):
     print(f"reference points: error {np.round(100 * reference['error'], 2).tolist()} %, "
           f"loss {np.round(reference['loss'], 4).tolist()}")
     print("\n".join(lines))
+    if results.get("variants"):
+        print("\nExploration settings from one start:\n")
+        print("\n".join(variants(results, grid)))
     if args.figure:
         figure(results, grid, args.figure)
         print(f"figure: {args.figure}")
