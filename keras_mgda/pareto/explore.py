@@ -69,13 +69,14 @@ def _check_start(start_point, options):
     """The start's stationarity; warns above START_STATIONARITY_WARNING."""
     measure = stationarity(start_point.gram, start_point.alpha)
     if measure > START_STATIONARITY_WARNING:
-        advice = "train the model longer"
+        advice = "train the model further"
         if options["correction_steps"] == 0:
-            advice += ", or pass correction_steps=1 or more (MGDA steps back towards the front after each step)"
+            advice += ", or pass correction_steps=1 or more (MGDA steps towards the front after each step)"
         warnings.warn(
             f"The start is not near Pareto-stationary: |sum_t alpha_t g_t| / max_t |g_t| = {measure:.3g} > "
-            f"{START_STATIONARITY_WARNING} (0 on the Pareto set). Exploration follows the Pareto set from a "
-            f"point on it; from here its first steps mostly keep training. To explore the front, {advice}.",
+            f"{START_STATIONARITY_WARNING} (0 on the Pareto set). Exploration follows the Pareto set from a point "
+            "on it; from here its steps also keep training the model, so both losses can fall along every "
+            f"direction and only points where one loss rises are trade-offs. To start nearer the front, {advice}.",
             RuntimeWarning, stacklevel=4,  # the caller of `explore`
         )
     return measure
