@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
-
 from ._calling import ENGINES
 from ._calling import MEASURED
+
+HERE = Path(__file__).parent
 
 
 def pytest_generate_tests(metafunc):
