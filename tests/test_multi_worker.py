@@ -43,8 +43,12 @@ def _run_job(tmp_path, world, scenario, *options, torchrun=(), wait=None):
     with Job(tmp_path) as job:
         if torchrun:
             launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-                        "--master-addr=127.0.0.1", f"--master-port={ports[0]}", *torchrun]
-            job.start([*launcher, *common], worker_env(BACKEND))
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{ports[0]}", *torchrun]
+            # A store shared between torchrun's rendezvous and the workers
+            # can hand a restarted round the dead round's gloo addresses
+            # ("connection refused", pytorch/pytorch#135712).
+            env = dict(worker_env(BACKEND), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+            job.start([*launcher, *common], env)
         else:
             for rank in range(world):
                 argv = [sys.executable, *common, "--rank", str(rank), "--ports", ",".join(map(str, ports))]
