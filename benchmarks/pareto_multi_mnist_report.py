@@ -22,7 +22,7 @@ ran them; the grid's are its campaign records'.
 
 Usage:
     python benchmarks/pareto_multi_mnist_report.py benchmarks/results/pareto_multi_mnist.json \\
-        --figure docs/pareto_multi_mnist.png
+        --figure docs/figures/pareto_multi_mnist.png
 """
 
 import argparse
@@ -118,8 +118,9 @@ def rows(measured, against):
     for name, m in measured.items():
         hv_loss = f"{m['hv_loss']:.4f}" if "hv_loss" in m else "-"
         spread = "/".join(f"{100 * s:.2f}" for s in m["spread_error"])
+        loss_spread = "/".join(f"{s:.3f}" for s in m["spread_loss"]) if "spread_loss" in m else "-"
         lines.append(f"| {name} | {m['points']} | {hv_loss} | {1e4 * m['hv_error']:.2f} | "
-                     f"{m.get('front_loss', '-')} / {m['front_error']} | {spread} | "
+                     f"{m.get('front_loss', '-')} / {m['front_error']} | {spread} | {loss_spread} | "
                      f"{m['cost']['gradients'] / 1e6:.3f} | {m['cost']['seconds']:.0f} |")
     explored = measured["explored"]
     for label, name in against:
@@ -127,15 +128,23 @@ def rows(measured, against):
         hv_loss = (f"{_ratio(explored['hv_loss'], other['hv_loss']):.3f}"
                    if "hv_loss" in other and "hv_loss" in explored else "-")
         lines.append(
-            f"| explored / {label} | | {hv_loss} | {_ratio(explored['hv_error'], other['hv_error']):.3f} | | | "
+            f"| explored / {label} | | {hv_loss} | {_ratio(explored['hv_error'], other['hv_error']):.3f} | | "
+            f"{_spread_ratio(explored, other, 'error')} | {_spread_ratio(explored, other, 'loss')} | "
             f"{_ratio(explored['cost']['gradients'], other['cost']['gradients']):.4f} | "
             f"{_ratio(explored['cost']['seconds'], other['cost']['seconds']):.4f} |")
     return lines
 
 
+def _spread_ratio(explored, other, space):
+    key = f"spread_{space}"
+    if key not in explored or key not in other:
+        return "-"
+    return "/".join(f"{_ratio(a, b):.2f}" for a, b in zip(explored[key], other[key]))
+
+
 HEADER = ["| set | points | HV, test loss | HV, test error (x1e-4) | on the joint front (loss / error) | "
-          "error spread, left/right (points) | cost, M gradient passes | seconds |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "error spread, left/right (points) | loss spread, left/right | cost, M gradient passes | seconds |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
 
 def comparison(results, grid):
