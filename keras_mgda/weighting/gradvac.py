@@ -1,6 +1,8 @@
 """GradVac (Wang, Tsvetkov, Firat & Cao, ICLR 2021): gradient vaccine,
 written on the Gram matrix."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import numerics as nx
@@ -66,7 +68,14 @@ class GradVac(GradientWeighting):
     ```
     """
 
-    def __init__(self, beta=0.5, mode="representation", head_update="full", seed=None, **kwargs):
+    def __init__(
+        self,
+        beta: float = 0.5,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
