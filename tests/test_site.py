@@ -143,3 +143,37 @@ def test_public_parameters_carry_a_type(path, value):
         if p.annotation is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
     assert not untyped, f"{path}: parameters without a type annotation: {untyped}"
+
+
+# Formulas -------------------------------------------------------------------
+
+# What is not prose: code, scripts, styles and the typeset formulas.
+NOT_PROSE = re.compile(r"<(pre|code|script|style|math)\b.*?</\1>", re.S)
+RAW_TEX = re.compile(r"\$[^$\n]{1,200}\$|\\\(|\\\[")
+
+
+def _prose(page):
+    return re.sub(r"<[^>]+>", "", NOT_PROSE.sub("", page.read_text()))
+
+
+def test_formulas_are_typeset_as_mathml(site):
+    """The method pages show their update as MathML, inline and displayed,
+    served by the site itself: no script or stylesheet from elsewhere."""
+    for name in ("mgda", "nashmtl", "upgrad", "famo"):
+        page = (site / "methods" / name / "index.html").read_text()
+        assert '<math alttext="' in page and 'display="block"' in page, name
+        assert "<mi>\\" not in page and "<mo>\\" not in page, name  # an untranslated command
+    for page in site.rglob("*.html"):
+        text = page.read_text()
+        assert 'class="arithmatex"' not in text, page
+        for source in re.findall(r'<script[^>]+src="([^"]+)"', text):
+            assert not source.startswith(("http:", "https:", "//")), (page, source)
+
+
+def test_no_raw_tex_is_left_in_the_prose(site):
+    left = {}
+    for page in site.rglob("*.html"):
+        found = RAW_TEX.findall(_prose(page))
+        if found:
+            left[str(page.relative_to(site))] = found[:3]
+    assert not left, left
