@@ -72,8 +72,9 @@ def conflict_heatmap(
     image = ax.imshow(cosine, cmap="RdBu", vmin=-1.0, vmax=1.0)
     ax.set_xticks(range(len(names)))
     ax.set_yticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize="x-small")
-    ax.set_yticklabels(names, fontsize="x-small")
+    label_size = "small" if len(names) <= 10 else "x-small"
+    ax.set_xticklabels(names, rotation=90, fontsize=label_size)
+    ax.set_yticklabels(names, fontsize=label_size)
     if len(names) <= 10:  # the values, where the cells have room for them
         for (row, column), value in np.ndenumerate(cosine):
             ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize="small",
