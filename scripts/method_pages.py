@@ -254,6 +254,12 @@ def curve_offset(entry, grid):
     return right - float(np.interp(left, xs, ys))
 
 
+def _signed(points):
+    """+0.27, -0.14, and 0.00 for what rounds to zero (never -0.00)."""
+    text = f"{points:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
 def _run_label(run):
     return {"mgda_ub": "MGDA-UB (`MGDA(normalization=\"none\")`)",
             "mgda": "exact MGDA (`MGDA(normalization=\"none\", mode=\"parameters\")`)"}.get(run, f"`{run}`")
@@ -265,7 +271,7 @@ def _run_row(run, honest, authors):
         where = "died in epoch 1: chance accuracy"
     else:
         offset = curve_offset(entry, honest["grid"])
-        where = "-" if offset is None else f"{offset:+.2f}"
+        where = "-" if offset is None else _signed(offset)
     return (f"| {_run_label(run)} | {_percent(entry)} | {_percent(authors[run])} | "
             f"{entry['seeds']} | {where} |")
 
@@ -368,7 +374,7 @@ def _offset_cell(method, honest):
     if min(entry["mean"]) < 0.5:
         return "diverged"
     offset = curve_offset(entry, honest["grid"])
-    return "-" if offset is None else f"{offset:+.2f}"
+    return "-" if offset is None else _signed(offset)
 
 
 def blocks_for(page, summaries):
