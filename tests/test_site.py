@@ -177,3 +177,23 @@ def test_no_raw_tex_is_left_in_the_prose(site):
         if found:
             left[str(page.relative_to(site))] = found[:3]
     assert not left, left
+
+
+# The first pages a user reads ----------------------------------------------
+
+
+def test_home_page_has_the_version_the_install_line_and_the_way_on(site):
+    import keras_mgda
+
+    home = (site / "index.html").read_text()
+    assert f"Version {keras_mgda.__version__}" in home
+    assert f"keras_mgda {keras_mgda.__version__}" in (site / "methods" / "mgda" / "index.html").read_text()  # footer
+    text = html.unescape(re.sub(r"<[^>]+>", "", home))  # the highlighter splits code into spans
+    assert "pip install" in text and 'href="getting_started/"' in home
+
+
+def test_examples_page_shows_the_committed_outputs(site):
+    page = html.unescape((site / "examples" / "index.html").read_text())
+    for name in ("quickstart.txt", "multi_mnist.txt"):
+        first_line = (ROOT / "docs" / "examples" / name).read_text().splitlines()[0]
+        assert first_line and first_line in page, name
