@@ -4,6 +4,9 @@ MGDA-UB (Sener & Koltun, NeurIPS 2018) and other loss-balancing methods as a
 drop-in `keras.Model`, on TensorFlow, JAX and PyTorch.
 """
 
+# First, so that an unsupported Keras stops the import with a clear
+# ImportError (`_keras.check_version`) instead of training wrongly later.
+from keras_mgda import _keras  # noqa: F401
 from keras_mgda import callbacks
 from keras_mgda import datasets
 from keras_mgda import metrics

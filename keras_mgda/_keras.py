@@ -1,13 +1,20 @@
 """The private parts of Keras that keras_mgda relies on, in one place.
 
 Keras has no public API for the per-output losses of a compiled model, for
-running a functional graph without its `__call__` overhead, or for handing
-JAX's detached training state back to the model; keras_mgda reads them from
-Keras's internals. Every such access goes through a function here, which
-names what it needs and fails with a clear message when a Keras release
-moves it. Written against Keras 3.10 and later; tested with Keras 3.15.
+running a functional graph without its `__call__` overhead, for walking the
+layer graph, or for handing JAX's detached training state back to the
+model; keras_mgda reads them from Keras's internals. Every such access goes
+through a function here, which names what it needs and fails with a clear
+message when a Keras release moves it. `INTERNALS` lists each private name
+with what it is for; `tests/test_keras_internals.py` checks the list against
+the installed Keras, so that a release that moves one fails in our suite.
+
+The supported Keras versions are `KERAS_FLOOR` and later (`check_version`,
+called when keras_mgda is imported); every release from the floor to
+`KERAS_NEWEST_TESTED` is tested (docs/installation.md).
 """
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -16,31 +23,108 @@ import keras
 from keras_mgda.types import Tensor
 
 __all__ = [
+    "INTERNALS",
+    "KERAS_FLOOR",
+    "KERAS_NEWEST_TESTED",
     "additional_loss",
+    "check_version",
     "compile_loss",
     "compile_loss_trackers",
     "compile_metrics",
+    "metrics_by_output",
     "compute_loss",
     "distribute_strategy",
     "epoch_dataset",
     "flat_losses",
+    "inbound_nodes",
     "inputs_struct",
+    "keras_history",
+    "layer_own_state",
     "loss_tracker",
     "outputs_struct",
+    "reduces_across_workers",
     "run_through_graph",
     "set_jax_state",
     "symbolic_build",
     "torch_core_functions",
 ]
 
-CHECKED = "3.10 to 3.15"
+# The oldest Keras whose internals below keras_mgda supports, and the newest
+# release the suite has run on.
+KERAS_FLOOR = (3, 10)
+KERAS_NEWEST_TESTED = (3, 15)
+
+Internal = collections.namedtuple("Internal", ["owner", "name", "backend", "note"])
+Internal.__doc__ = """One private Keras name keras_mgda touches: `owner` is the
+kind of object that has it, `backend` the only backend it exists on (None:
+all), `note` what keras_mgda uses it for."""
+
+INTERNALS = (
+    Internal("Trainer", "_compile_loss", None, "the compiled loss, whose entries give the per-task losses"),
+    Internal("Trainer", "_compile_metrics", None, "the compiled metrics, updated after a taken step"),
+    Internal("Trainer", "_loss_tracker", None, "the `loss` Mean, updated after a taken step"),
+    Internal("Trainer", "_compute_loss", None, "the total loss as Keras's own train steps compute it"),
+    Internal("Trainer", "_aggregate_additional_loss", None, "the `add_loss` and regularisation terms"),
+    Internal("Trainer", "_symbolic_build", None, "builds the compiled loss; overridden to build the plan"),
+    Internal("TensorFlowTrainer", "_maybe_symbolic_build", "tensorflow", "overridden to build before tracing"),
+    Internal("TensorFlowTrainer", "_distribute_strategy", "tensorflow", "whether `fit` runs under tf.distribute"),
+    Internal("TFEpochIterator", "_distributed_dataset", "tensorflow", "the dataset to build from under a strategy"),
+    Internal("JAXTrainer", "jax_state_sync", "jax", "writes the detached JAX state back to the variables"),
+    Internal("JAXTrainer", "_jax_state", "jax", "the detached state `jax_state_sync` reads (written)"),
+    Internal("JAXTrainer", "_jax_state_synced", "jax", "whether that state is written back (written)"),
+    Internal("CompileLoss", "_flat_losses", None, "(path, loss, loss_weights, name) per output with a loss"),
+    Internal("Functional", "_outputs_struct", None, "the outputs in the structure the model was built with"),
+    Internal("Functional", "_inputs_struct", None, "the inputs likewise, to build the encoder"),
+    Internal("Functional", "_run_through_graph", None, "runs the heads without `__call__`'s overhead"),
+    Internal("Layer", "_call_has_training_arg", None, "whether to pass `training=True` to a layer"),
+    Internal("Layer", "_inbound_nodes", None, "the layer graph, to find Z; how often a layer is called"),
+    Internal("Layer", "_trainable_variables", None, "a weighting's own variables, to save them"),
+    Internal("Layer", "_non_trainable_variables", None, "likewise"),
+    Internal("Layer", "_seed_generators", None, "a weighting's random state, to save it"),
+    Internal("KerasTensor", "_keras_history", None, "the operation and node that made a symbolic tensor"),
+    Internal("torch core", "get_device", "torch", "the device Keras puts new torch tensors on"),
+    Internal("torch core", "to_torch_dtype", "torch", "a Keras dtype name as a torch dtype"),
+)
+
+
+def _version_tuple(version):
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_version(version: str | None = None) -> None:
+    """Raises `ImportError` when the installed Keras is older than
+    `KERAS_FLOOR` (older releases train wrongly, not loudly).
+
+    Args:
+        version: a Keras version string; default `keras.__version__`.
+    """
+    version = keras.__version__ if version is None else version
+    if _version_tuple(version) >= KERAS_FLOOR:
+        return
+    floor = ".".join(map(str, KERAS_FLOOR))
+    raise ImportError(
+        f"keras_mgda needs Keras {floor} or newer (tested with Keras "
+        f"{_tested_range()}), but Keras {version} is installed. Upgrade it with:\n"
+        f'    pip install --upgrade "keras>={floor}"'
+    )
+
+
+def _tested_range():
+    return f"{'.'.join(map(str, KERAS_FLOOR))} to {'.'.join(map(str, KERAS_NEWEST_TESTED))}"
+
+
+check_version()
 
 
 def _missing(what):
     return RuntimeError(
         f"keras_mgda needs Keras's private {what}, which Keras "
-        f"{keras.__version__} does not have (keras_mgda was checked with Keras "
-        f"{CHECKED}). Install a Keras version in that range, or report it at "
+        f"{keras.__version__} does not have (keras_mgda was tested with Keras "
+        f"{_tested_range()}). Install a Keras version in that range, or report it at "
         "keras_mgda's issue tracker."
     )
 
@@ -63,6 +147,27 @@ def compile_loss(model: keras.Model) -> Any:
     return _attribute(model, "_compile_loss")
 
 
+def keras_history(tensor: Any) -> tuple[Any, int, int] | None:
+    """`(operation, node_index, tensor_index)` of the node that made a
+    symbolic tensor, or None for a tensor no layer made."""
+    return getattr(tensor, "_keras_history", None)
+
+
+def inbound_nodes(operation: Any) -> list[Any]:
+    """The nodes of a layer or operation, one per call in a functional graph."""
+    return _attribute(operation, "_inbound_nodes")
+
+
+def layer_own_state(layer: keras.layers.Layer) -> list[keras.Variable]:
+    """A layer's own trainable and non-trainable variables (not its
+    sub-layers'), then its seed generators' states, in that order."""
+    return (
+        list(_attribute(layer, "_trainable_variables"))
+        + list(_attribute(layer, "_non_trainable_variables"))
+        + [generator.state for generator in _attribute(layer, "_seed_generators")]
+    )
+
+
 def compile_loss_trackers(model: keras.Model) -> list[keras.metrics.Metric]:
     """The `<output>_loss` metrics that Keras's compiled loss updates."""
     compile_loss = _attribute(model, "_compile_loss")
@@ -74,6 +179,22 @@ def compile_loss_trackers(model: keras.Model) -> list[keras.metrics.Metric]:
 def compile_metrics(model: keras.Model) -> Any:
     """The model's `CompileMetrics`, or None."""
     return _attribute(model, "_compile_metrics")
+
+
+def metrics_by_output(compile_metrics: Any) -> list[tuple[str | None, keras.metrics.Metric]]:
+    """(output name, metric) for every compiled metric, from
+    `CompileMetrics._flat_metrics` / `_flat_weighted_metrics` (one entry
+    per flattened output); the name is None where Keras has none."""
+    if not compile_metrics.built:
+        return []
+    names = list(getattr(compile_metrics, "output_names", None) or [])
+    pairs = []
+    for flat in ("_flat_metrics", "_flat_weighted_metrics"):
+        for index, entry in enumerate(_attribute(compile_metrics, flat, f"`CompileMetrics.{flat}`")):
+            metrics = getattr(entry, "metrics", [] if entry is None else [entry])
+            name = names[index] if index < len(names) else None
+            pairs.extend((name, metric) for metric in metrics)
+    return pairs
 
 
 def loss_tracker(model: keras.Model) -> keras.metrics.Mean:
@@ -168,3 +289,14 @@ def torch_core_functions() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         _attribute(core, "get_device", where.format("get_device")),
         _attribute(core, "to_torch_dtype", where.format("to_torch_dtype")),
     )
+
+
+def reduces_across_workers(strategy: Any) -> bool:
+    """Whether Keras's TensorFlow trainer treats `strategy` as spanning
+    several workers (`MultiWorkerMirroredStrategy` with more than one), where
+    it reduces each step's logs with `strategy.reduce(..., axis=0)`."""
+    from keras.src.backend.tensorflow import trainer
+
+    where = "`keras.src.backend.tensorflow.trainer._collective_all_reduce_multi_worker`"
+    check = _attribute(trainer, "_collective_all_reduce_multi_worker", where)
+    return bool(check(strategy))

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_mgda import _keras
+
 __all__ = [
     "find_shared_representation",
     "head_groups",
@@ -25,11 +27,11 @@ _SINK = "sink"
 
 
 def _producing_node(tensor):
-    history = getattr(tensor, "_keras_history", None)
+    history = _keras.keras_history(tensor)
     if history is None:
         return None
     operation, node_index, _ = history
-    return operation._inbound_nodes[node_index]
+    return _keras.inbound_nodes(operation)[node_index]
 
 
 def _tensor_predecessors(outputs):
@@ -170,10 +172,11 @@ def resolve_shared(
                 f"(layers: {[layer.name for layer in model.layers]})."
             ) from error
     if isinstance(shared, keras.layers.Layer):
-        if len(shared._inbound_nodes) != 1:
+        calls = len(_keras.inbound_nodes(shared))
+        if calls != 1:
             raise ValueError(
                 f"Layer '{shared.name}' is called "
-                f"{len(shared._inbound_nodes)} times in the model, so its "
+                f"{calls} times in the model, so its "
                 "output is ambiguous. Name a layer that is called once."
             )
         shared = shared.output
@@ -215,7 +218,7 @@ def split_at(model: keras.Model, shared_tensor: keras.KerasTensor) -> tuple[kera
     Returns:
         `(encoder, heads)`, two functional models.
     """
-    outputs = model._outputs_struct
+    outputs = _keras.outputs_struct(model)
     trunk, _ = _operations_above([shared_tensor])
     heads, not_a_cut = _operations_above(
         keras.tree.flatten(outputs), stop_id=id(shared_tensor)
@@ -231,17 +234,24 @@ def split_at(model: keras.Model, shared_tensor: keras.KerasTensor) -> tuple[kera
             "the heads, or name with `shared=` a tensor below which no trunk "
             "layer is called again."
         )
-    try:
-        encoder = keras.Model(model._inputs_struct, shared_tensor)
-        heads = keras.Model(shared_tensor, outputs)
-    except ValueError as error:
+    # Checked here, not left to `keras.Model(shared_tensor, outputs)`:
+    # before Keras 3.14 that builds a "head" that silently ignores the path
+    # around Z instead of raising "Graph disconnected".
+    error = "an output depends on the inputs by a path around it" if not_a_cut else None
+    if error is None:
+        try:
+            encoder = keras.Model(_keras.inputs_struct(model), shared_tensor)
+            heads = keras.Model(shared_tensor, outputs)
+        except ValueError as keras_error:
+            error = str(keras_error)
+    if error is not None:
         raise ValueError(
             f"The tensor '{getattr(shared_tensor, 'name', shared_tensor)}' "
             "is not a shared representation of this model: some output can "
             "be reached from the inputs without passing through it "
             f"({error}). Name the output of a layer that every head is "
             "built on, or leave `shared=None` to find it automatically."
-        ) from error
+        )
     return encoder, heads
 
 

@@ -13,6 +13,7 @@ from keras_mgda import weighting as weighting_lib
 from keras_mgda.step import Split
 from keras_mgda.step import StepPlan
 from keras_mgda.step import build_plan
+from keras_mgda.step import diagnosis
 from keras_mgda.types import WeightingLike
 
 __all__ = ["MGDAModel", "MultiTaskModel", "NONFINITE_POLICIES"]
@@ -156,10 +157,12 @@ class MultiTaskModel(keras.Model):
 
     def _current_plan(self):
         plan = self.__dict__.get("_plan")
-        if plan is None or plan.compile_loss is not getattr(self, "_compile_loss", None):
+        if plan is None or plan.compile_loss is not _keras.compile_loss(self):
             return None
         return plan
 
+    # `_symbolic_build` and `_maybe_symbolic_build` are Keras trainer hooks
+    # (listed in `_keras.INTERNALS`).
     def _symbolic_build(self, *args, **kwargs):
         # Keras builds the optimizer here from `trainable_variables`; the
         # weighting's variables exist only once the tasks are known (after
@@ -170,6 +173,11 @@ class MultiTaskModel(keras.Model):
             optimizer.built = True
         try:
             super()._symbolic_build(*args, **kwargs)
+        except Exception as error:
+            renamed = self._with_failing_task(error)
+            if renamed is error:
+                raise
+            raise renamed from error
         finally:
             if defer:
                 optimizer.built = False
@@ -181,9 +189,18 @@ class MultiTaskModel(keras.Model):
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # TensorFlow's trainer only: it defers the build to the first trace
-        # unless a strategy is set; building eagerly halves the first fit.
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        mtl_backend.build_before_tracing(self, iterator, data_batch)
+        # unless a strategy is set (building eagerly halves the first fit),
+        # and under a strategy it reduces a drawn batch across replicas,
+        # which fails across workers: build from the element spec instead.
+        if not mtl_backend.build_before_tracing(self, iterator, data_batch):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        # TensorFlow's trainer only: it reduces each step's logs across
+        # workers in a way that fails on scalars (see
+        # `keras_mgda.backend.tensorflow.distributed_step_function`).
+        step_function = mtl_backend.distributed_step_function(self, step_function)
+        return super()._make_function(step_function)
 
     def step_plan_for(self, data: Any) -> StepPlan:
         """The `StepPlan`, built from `data` if Keras has not built the
@@ -203,6 +220,32 @@ class MultiTaskModel(keras.Model):
         if not compile_loss.built:
             _keras.symbolic_build(self, data)
         return self._prepare_plan()
+
+    def _with_failing_task(self, error):
+        """An error a task's loss or metric raised while Keras built the
+        compiled loss and metrics (before the step records the losses),
+        with the task named: the one whose loss or metric object the
+        failing frames were running."""
+        owners = self._loss_and_metric_owners()
+        traceback = error.__traceback__
+        while traceback is not None:
+            for value in traceback.tb_frame.f_locals.values():
+                if id(value) in owners:
+                    what, task = owners[id(value)]
+                    return diagnosis.renamed_for_task(error, task, what)
+            traceback = traceback.tb_next
+        return error
+
+    def _loss_and_metric_owners(self):
+        """{id of a compiled loss or metric object: ("loss" or "metric",
+        the task (output) it belongs to)}."""
+        compile_loss = _keras.compile_loss(self)
+        entries = _keras.flat_losses(compile_loss) if compile_loss is not None and compile_loss.built else []
+        owners = {id(entry.loss): ("loss", entry.name) for entry in entries}
+        compile_metrics = _keras.compile_metrics(self)
+        for output, metric in [] if compile_metrics is None else _keras.metrics_by_output(compile_metrics):
+            owners.setdefault(id(metric), ("metric", output or metric.name))
+        return owners
 
     def _prepare_plan(self):
         plan = self._current_plan()
@@ -237,7 +280,10 @@ class MultiTaskModel(keras.Model):
             arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
             arguments.arguments.pop("self")
             callbacks = list(arguments.arguments.get("callbacks") or [])
-            callbacks.append(_WeightingEpochHook())
+            # First: a callback that saves at the epoch's end (BackupAndRestore,
+            # ModelCheckpoint) must save the epoch rolled over (DWA's means), or
+            # a run resumed from that save never rolls that epoch over.
+            callbacks.insert(0, _WeightingEpochHook())
             arguments.arguments["callbacks"] = callbacks
             return super().fit(*arguments.args, **arguments.kwargs)
         return super().fit(*args, **kwargs)
@@ -290,7 +336,7 @@ def _layer_name(shared, shared_tensor):
         return None
     if isinstance(shared, str):
         return shared
-    operation = shared_tensor._keras_history[0]
+    operation = _keras.keras_history(shared_tensor)[0]
     return operation.name
 
 

@@ -1,8 +1,43 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures and collection rules shared by the test modules.
 
-import keras
-import pytest
-from shared_data import require_mnist
+Two rules keep the suite fast without losing a check (tests/README.md):
+- Tests marked `one_backend` check mathematics that does not depend on the
+  Keras backend (NumPy references, exactness against an oracle, pure
+  Python): they run under `MATH_BACKEND` (torch, the fastest) and are
+  deselected on the others. A module marked as a whole keeps the checks
+  that are backend-specific (jit, XLA, dtype) with `all_backends`.
+- Tests compile with cheap compiler settings (XLA optimisation level 0 on
+  JAX): what they compare is our algorithm, not XLA's optimised kernels.
+  Benchmarks and examples keep the default settings.
+"""
+
+import os
+
+# Before JAX creates its XLA client (at the first computation, after this
+# import): the optimisation passes cost more than the tiny test models run.
+_FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_XLA}".strip()
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+from shared_data import require_mnist  # noqa: E402
+
+MATH_BACKEND = "torch"
+
+
+def _runs_here(item):
+    return not item.get_closest_marker("one_backend") or item.get_closest_marker("all_backends")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects `one_backend` tests when the backend is not MATH_BACKEND."""
+    if keras.backend.backend() == MATH_BACKEND:
+        return
+    dropped = [item for item in items if not _runs_here(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if _runs_here(item)]
 
 
 @pytest.fixture

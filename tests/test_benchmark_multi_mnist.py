@@ -16,6 +16,10 @@ import pytest
 
 import keras_mgda as km
 
+# The benchmark's bookkeeping and the example it drives: once, under torch
+# (tests/conftest.py), the backend its campaign runs on.
+pytestmark = pytest.mark.one_backend
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_mnist.py"
 TINY = ["--data", "digits", "--train-examples", "512", "--val-examples", "256", "--test-examples", "256"]
 # JAX compiles LeNet's step for every new model: tens of seconds each on 2 CPU cores.

@@ -17,6 +17,10 @@ tf = pytest.importorskip("tensorflow")
 
 import keras_mgda as km  # noqa: E402
 
+# tf.data and NumPy pipelines, the same under every Keras backend: once,
+# under torch (tests/conftest.py).
+pytestmark = pytest.mark.one_backend
+
 # The modules, not the functions of the same name that `keras_mgda.datasets` exports.
 cityscapes_lib = importlib.import_module("keras_mgda.datasets.cityscapes")
 multi_mnist_lib = importlib.import_module("keras_mgda.datasets.multi_mnist")

@@ -7,6 +7,10 @@ import pytest
 import keras_mgda as km
 from keras_mgda import metrics as M
 
+# Metric arithmetic in keras.ops, checked by hand: once, under torch
+# (tests/conftest.py); the benchmark models' fit uses them on every backend.
+pytestmark = pytest.mark.one_backend
+
 
 def _value(metric):
     return float(keras.ops.convert_to_numpy(metric.result()))

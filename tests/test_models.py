@@ -299,6 +299,7 @@ def test_celeba_resnet18_trains_a_step_with_40_tasks():
 # Cityscapes PSPNet ------------------------------------------------------------
 
 
+@pytest.mark.one_backend  # the layer graph's shapes; building ResNet-50 costs seconds per backend
 def test_cityscapes_pspnet_outputs_at_input_resolution():
     model = km.models.cityscapes_pspnet(input_shape=(64, 96, 3))
     assert isinstance(model, km.MGDAModel)

@@ -10,6 +10,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import keras_mgda as km  # noqa: E402
 
+# Figures from results: once, under torch (tests/conftest.py); the callbacks
+# that read a training step are `all_backends`.
+pytestmark = pytest.mark.one_backend
+
 
 def _run(method, seed, left, right, **extra):
     return {
@@ -191,6 +195,7 @@ def test_cosine_matrix_and_heatmap():
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a", "b", "c"]
 
 
+@pytest.mark.all_backends  # reads the backend's train step
 def test_gram_recorder_keeps_the_step_gram_matrix():
     """The recorded matrix is the one the step solved: MGDA's weights from
     it are the logged weights (one step per epoch)."""
@@ -208,6 +213,7 @@ def test_gram_recorder_keeps_the_step_gram_matrix():
         loss_based.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[km.callbacks.GramRecorder(1)])
 
 
+@pytest.mark.all_backends  # reads the backend's train step
 def test_task_tensorboard_writes_weights_and_the_conflict_image(tmp_path):
     pytest.importorskip("tensorflow")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

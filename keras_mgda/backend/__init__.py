@@ -10,6 +10,7 @@ __all__ = [
     "averaged_hvp",
     "batch_average",
     "build_before_tracing",
+    "distributed_step_function",
     "hessian_solve",
     "hessian_vector_product",
     "prepare_plan",
@@ -53,10 +54,21 @@ def wrap_train_function(model, train_function):
 def build_before_tracing(model, iterator=None, data_batch=None):
     """Lets a backend whose trainer builds the model's losses and optimizer
     lazily, inside the first traced step (TensorFlow without a distribution
-    strategy), build them eagerly instead."""
+    strategy), or from a batch reduced across replicas (TensorFlow with
+    one), build them eagerly from the data's shapes instead.
+
+    Returns:
+        True when built, False to leave it to Keras.
+    """
     build = getattr(_impl(), "build_before_tracing", None)
-    if build is not None:
-        build(model, iterator, data_batch)
+    return False if build is None else build(model, iterator, data_batch)
+
+
+def distributed_step_function(model, step_function):
+    """Lets a backend adapt the step function its trainer distributes
+    (TensorFlow across workers); the step function itself elsewhere."""
+    adapt = getattr(_impl(), "distributed_step_function", None)
+    return step_function if adapt is None else adapt(model, step_function)
 
 
 def prepare_plan(plan, model):

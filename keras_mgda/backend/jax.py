@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from keras_mgda import _keras
+from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
 __all__ = ["train_step", "unstack_result", "wrap_train_function"]
@@ -361,18 +362,20 @@ def _gram_step(model, plan, batch, state, loss_scale):
 # The step -------------------------------------------------------------------
 
 
-def _flag_index(model, plan):
-    """Where `FirstNonfiniteTask`'s variable sits in the metrics state."""
-    (flag,) = plan.trackers.nonfinite.variables
+def _flag_index(model, plan, name="task_plus_one"):
+    """Where a variable of `FirstNonfiniteTask` (its task, or its `cause`)
+    sits in the metrics state."""
+    flag = getattr(plan.trackers.nonfinite, name)
     for index, v in enumerate(model.metrics_variables):
         if v is flag:
             return index
     raise RuntimeError("keras_mgda: the non-finite flag is not a metric variable.")
 
 
-def _metrics_after(model, plan, batch, result, decision, old_metrics):
+def _metrics_after(model, plan, batch, result, decision, old_metrics, diagnosed):
     """The metrics updated for this step, rolled back (but the step
-    records) when it is not taken; and the logs."""
+    records) when it is not taken; and the logs. `diagnosed`: the (task,
+    cause) a bad step records."""
     scope = _Scope(model)
     mapping = list(zip(scope.metrics, result.metrics))
     with keras.StatelessScope(state_mapping=mapping) as stateless:
@@ -380,7 +383,7 @@ def _metrics_after(model, plan, batch, result, decision, old_metrics):
             model, plan, batch, result.y_pred, result.total, result.weights, decision.logged_ok, result.gram
         )
         if plan.on_nonfinite == "raise":
-            plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
+            plan.trackers.nonfinite.update_state(decision.step_ok, *diagnosed)
     updated = _updated(stateless, scope.metrics, result.metrics)
     records = plan.record_variable_ids()
     kept = [
@@ -407,6 +410,13 @@ def train_step(model, state, data):
         # (steps_per_execution > 1) changes nothing either.
         clean = state.metrics[_flag_index(model, plan)] == 0
         decision = decision._replace(step_ok=jnp.logical_and(decision.step_ok, clean))
+    # Before `_after_update`, whose forward records other data.
+    diagnosed = None
+    if plan.on_nonfinite == "raise":
+        predictions = diagnosis.task_predictions(result.y_pred, plan.task_outputs)
+        diagnosed = diagnosis.on_bad_step(
+            plan.recorded, plan.num_tasks, batch.x, predictions, decision.step_ok, decision.bad_index
+        )
     trainable, optimizer_values = optimizer.stateless_apply(state.optimizer, result.grads, state.trainable)
     ok = decision.step_ok
     non_trainable = result.non_trainable
@@ -414,7 +424,7 @@ def train_step(model, state, data):
         non_trainable = _after_update(
             model, plan, batch, trainable, non_trainable, result.metrics, result.task_losses
         )
-    logs, metrics = _metrics_after(model, plan, batch, result, decision, state.metrics)
+    logs, metrics = _metrics_after(model, plan, batch, result, decision, state.metrics, diagnosed)
     return logs, (
         _select(ok, trainable, state.trainable),
         _select(ok, non_trainable, state.non_trainable),
@@ -435,9 +445,13 @@ def wrap_train_function(model, train_function):
             state = _with_flag_cleared(model, plan, state)
         try:
             logs, new_state = train_function(state, data)
-        except BaseException:
+        except BaseException as error:
             _keras.set_jax_state(model, state)
-            raise
+            plan = model.step_plan
+            renamed = error if plan is None else diagnosis.task_exception(plan.task_names, error, plan.recorded, None)
+            if renamed is error:
+                raise
+            raise renamed from error
         plan = model.step_plan
         if plan is not None and plan.on_nonfinite == "raise":
             # One scalar read per call: waits for the step, as Keras's own
@@ -445,7 +459,8 @@ def wrap_train_function(model, train_function):
             bad = int(new_state[3][_flag_index(model, plan)])
             if bad:
                 _keras.set_jax_state(model, new_state)
-                raise phases.nonfinite_error(plan, bad - 1)
+                cause = int(new_state[3][_flag_index(model, plan, "cause")])
+                raise diagnosis.error_for(plan.task_names, bad - 1, cause, plan.recorded)
         return logs, new_state
 
     return checked
@@ -454,8 +469,9 @@ def wrap_train_function(model, train_function):
 def _with_flag_cleared(model, plan, state):
     trainable, non_trainable, optimizer_values, metrics = state
     metrics = list(metrics)
-    index = _flag_index(model, plan)
-    metrics[index] = jnp.zeros_like(metrics[index])
+    for name in ("task_plus_one", "cause"):
+        index = _flag_index(model, plan, name)
+        metrics[index] = jnp.zeros_like(metrics[index])
     return trainable, non_trainable, optimizer_values, metrics
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "diagonal",
     "eigh",
     "einsum",
+    "exp",
     "eye",
     "floor_divide",
     "fori_loop",
@@ -250,6 +251,10 @@ def sqrt(x):
 
 def square(x):
     return np.square(x)
+
+
+def exp(x):
+    return np.exp(x)
 
 
 def log(x):

@@ -18,15 +18,23 @@ puts it back before the error propagates.
 """
 
 import collections
+import contextlib
 
 import keras
 import tensorflow as tf
 from keras import ops
 
 from keras_mgda import _keras
+from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
-__all__ = ["build_before_tracing", "prepare_plan", "train_step", "wrap_train_function"]
+__all__ = [
+    "build_before_tracing",
+    "distributed_step_function",
+    "prepare_plan",
+    "train_step",
+    "wrap_train_function",
+]
 
 # What the gradient phase hands to the decision and apply phases.
 _Result = collections.namedtuple("_Result", ["y_pred", "losses", "task_losses", "gram", "weights", "grads"])
@@ -68,25 +76,70 @@ def build_before_tracing(model, iterator=None, data_batch=None):
     Without a distribution strategy Keras's TensorFlow trainer builds them
     inside the first trace, where each variable it creates gets a lifted,
     conditional initializer (about 0.03 s per optimizer slot: half of a T=40
-    LeNet's first `fit`, docs/benchmarks.md). With a strategy Keras builds
-    eagerly itself, from a batch it draws; here the dataset's element spec
-    serves, so no batch is drawn.
+    LeNet's first `fit`, docs/benchmarks.md). With a strategy Keras draws a
+    batch and reduces it across replicas (`strategy.reduce`), eagerly: across
+    workers (`MultiWorkerMirroredStrategy`) that fails on the distributed
+    batch. Here the dataset's element spec serves, so no batch is drawn and
+    nothing crosses workers; a spec that is not a dense tensor's (ragged,
+    sparse) is left to Keras.
+
+    Returns:
+        True when built, False to leave it to Keras.
     """
-    if _keras.distribute_strategy(model) is not None:
-        return  # built by Keras
+    strategy = _keras.distribute_strategy(model)
     if data_batch is None:
         data_batch = _spec_batch(_keras.epoch_dataset(iterator))
-    if data_batch is not None:
+    if data_batch is None:
+        return strategy is None  # without a strategy: built in the first trace
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         _keras.symbolic_build(model, data_batch)
+    return True
 
 
 def _spec_batch(dataset):
-    """The dataset's element spec as a symbolic batch, or None where a spec
-    is not a dense tensor's (ragged, sparse: left to Keras's lazy build)."""
+    """The dataset's element spec as a symbolic batch (one replica's, for a
+    distributed dataset), or None where a spec is not a dense tensor's."""
     specs = getattr(dataset, "element_spec", None)
-    if specs is None or not all(type(s) is tf.TensorSpec for s in tf.nest.flatten(specs)):
+    if specs is None:
         return None
-    return specs
+    local = [_dense_spec(s) for s in tf.nest.flatten(specs)]
+    if any(s is None for s in local):
+        return None
+    return tf.nest.pack_sequence_as(specs, local)
+
+
+def _dense_spec(spec):
+    """A `tf.TensorSpec`, or a distributed dataset's per-replica spec of one
+    (one component per local replica, all alike), as one `tf.TensorSpec`."""
+    if type(spec) is tf.TensorSpec:
+        return spec
+    if type(spec).__name__ != "PerReplicaSpec":
+        return None
+    parts = tf.nest.flatten(spec, expand_composites=True)
+    if parts and all(type(p) is tf.TensorSpec and p == parts[0] for p in parts):
+        return parts[0]
+    return None
+
+
+# Across workers -------------------------------------------------------------
+
+
+def distributed_step_function(model, step_function):
+    """The step function with a leading axis of length 1 on every log, under
+    a multi-worker strategy.
+
+    There Keras's trainer reduces each log with `strategy.reduce("MEAN", v,
+    axis=0)` (tensorflow/tensorflow#72388), which fails on a scalar; on
+    values with a leading replica axis it is the mean over all replicas, of
+    each log's own shape, as Keras logs with one worker.
+    """
+    if not _keras.reduces_across_workers(model.distribute_strategy):
+        return step_function
+
+    def step_with_replica_axis(data):
+        return tf.nest.map_structure(lambda v: tf.expand_dims(v, 0), step_function(data))
+
+    return step_with_replica_axis
 
 
 # Snapshots --------------------------------------------------------------
@@ -355,11 +408,16 @@ def train_step(model, data):
     step = _gram_step if plan.needs_gram else _loss_step
     result = step(model, plan, batch)
     decision = _decide(model, plan, result)
+    if plan.on_nonfinite == "raise":  # before `_after_update` records other data
+        predictions = diagnosis.task_predictions(result.y_pred, plan.task_outputs)
+        task, cause = diagnosis.on_bad_step(
+            plan.recorded, plan.num_tasks, batch.x, predictions, decision.step_ok, decision.bad_index
+        )
     _apply_if(decision.step_ok, model.optimizer, result.grads, model.trainable_variables)
     if plan.needs_losses_after_update:
         _after_update(model, plan, batch, result.task_losses, decision.step_ok)
     if plan.on_nonfinite == "raise":
-        plan.trackers.nonfinite.update_state(decision.step_ok, decision.bad_index)
+        plan.trackers.nonfinite.update_state(decision.step_ok, task, cause)
     total = result.losses.total * _replicas()  # Keras pre-scales each replica's loss by 1/R
     phases.update_metrics(
         model, plan, batch, result.y_pred, total, result.weights, decision.logged_ok, result.gram
@@ -377,16 +435,20 @@ def wrap_train_function(model, train_function):
     def checked(iterator):
         try:
             logs = train_function(iterator)
-        except BaseException:
+        except BaseException as error:
             _restore_snapshots(model)
-            raise
+            plan = model.step_plan
+            renamed = error if plan is None else diagnosis.task_exception(plan.task_names, error, plan.recorded, None)
+            if renamed is error:
+                raise
+            raise renamed from error
         plan = model.step_plan
         if plan is not None and plan.on_nonfinite == "raise":
-            flag = plan.trackers.nonfinite.task_plus_one
+            flag, cause = plan.trackers.nonfinite.task_plus_one, plan.trackers.nonfinite.cause
             bad = int(flag.numpy())
             if bad:
                 flag.assign(0.0)
-                raise phases.nonfinite_error(plan, bad - 1)
+                raise diagnosis.error_for(plan.task_names, bad - 1, int(cause.numpy()), plan.recorded)
         return logs
 
     return checked

@@ -39,6 +39,7 @@ from keras_mgda.backend import torch_ops
 from keras_mgda.backend.torch_distributed import all_reduce_mean
 from keras_mgda.backend.torch_distributed import average_gradients
 from keras_mgda.backend.torch_distributed import world_size
+from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
 __all__ = ["prepare_plan", "train_step", "wrap_train_function"]
@@ -332,7 +333,10 @@ def _take_step(model, plan, batch, tensors):
         )
     if not bool(decision.step_ok):
         if plan.on_nonfinite == "raise":
-            raise phases.nonfinite_error(plan, decision.bad_index)
+            predictions = diagnosis.task_predictions(result.y_pred, plan.task_outputs)
+            task, cause = diagnosis.diagnose(plan.recorded, plan.num_tasks, batch.x, predictions)
+            task = int(task) if int(cause) else int(decision.bad_index)
+            raise diagnosis.error_for(plan.task_names, task, int(cause), plan.recorded)
         return False
     with torch.no_grad():
         model.optimizer.apply(grads, trainable)
@@ -358,10 +362,13 @@ def train_step(model, data):
     saved = [t.detach().clone() for t in protected]
     try:
         taken = _take_step(model, plan, batch, tensors)
-    except BaseException:
+    except BaseException as error:
         with torch.no_grad():
             torch._foreach_copy_(protected, saved)
-        raise
+        renamed = diagnosis.task_exception(plan.task_names, error, plan.recorded, batch.x)
+        if renamed is error:
+            raise
+        raise renamed from error
     if not taken:
         with torch.no_grad():
             torch._foreach_copy_(protected, saved)

@@ -2,7 +2,10 @@
 
 - `explore`: from a trained multi-task model, trace its Pareto set by
   solving (H + damping I) v = J^T beta with MINRES on exact Hessian-vector
-  products, step by step; returns a `ParetoFront`.
+  products, step by step, each step checked to lower the chosen
+  combination of the losses; returns a `ParetoFront`.
+- `stationarity_of`: how far a model is from Pareto stationarity, as
+  `explore` checks its start.
 - `ParetoFront`: the points, their losses, metrics and weights; `restore`,
   `interpolate`, `pareto_mask`, `plot`, `save` / `load`.
 - `minres` (in `keras.ops`, jit-able) and `scipy_minres` (SciPy on the
@@ -12,7 +15,9 @@
 
 from keras_mgda.pareto.explore import DEFAULT_SOLVER
 from keras_mgda.pareto.explore import SOLVERS
+from keras_mgda.pareto.explore import START_STATIONARITY_WARNING
 from keras_mgda.pareto.explore import explore
+from keras_mgda.pareto.explore import stationarity_of
 from keras_mgda.pareto.front import ParetoFront
 from keras_mgda.pareto.hypervolume import hypervolume
 from keras_mgda.pareto.hypervolume import pareto_mask
@@ -24,10 +29,12 @@ __all__ = [
     "DEFAULT_SOLVER",
     "ParetoFront",
     "SOLVERS",
+    "START_STATIONARITY_WARNING",
     "explore",
     "hypervolume",
     "minres",
     "pareto_mask",
     "plot_front",
     "scipy_minres",
+    "stationarity_of",
 ]

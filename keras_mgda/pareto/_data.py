@@ -40,7 +40,9 @@ def _tensor(value):
 
 def _batch(data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(data))
-    batch = phases.Batch(*keras.tree.map_structure(_tensor, (x, y, sample_weight), none_is_leaf=True))
+    # None is a leaf: map_structure's default (its `none_is_leaf` keyword
+    # exists only from Keras 3.12).
+    batch = phases.Batch(*keras.tree.map_structure(_tensor, (x, y, sample_weight)))
     size = int(keras.tree.flatten(x)[0].shape[0])
     return batch, size
 

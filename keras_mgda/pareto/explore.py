@@ -9,155 +9,50 @@ task gradients. Solving
     (H + damping I) v = J^T beta
 
 and stepping x <- x - step_size * v / ||v|| moves along the Pareto set to
-first order with d(alpha) = beta: for beta = e_i, task i's loss changes by
--(J H^-1 J^T)_ii < 0 per unit step, so it goes down. H is never formed:
-MINRES runs on exact Hessian-vector products (`keras_mgda.backend`). As in
-the authors' code (`pareto/optim/kkt_solver.py`): full-data gradients, the
-min-norm alpha of the raw gradients, v normalised, damping 0.1, at most 50
-MINRES iterations, tolerance 1e-5, step size 0.1, 10 steps per direction.
-Unlike it, the Hessian-vector products are full-data averages too by
-default (theirs use one mini-batch of 2048 per solve; `sample_batches`
-draws a fresh sample per step as they do), MINRES starts from 0 (theirs from
--mean_i grad f_i), and optional correction steps (plain MGDA steps, the
-paper's Section 4.2) pull each new point back towards the Pareto set.
+first order with d(alpha) = beta, and lowers beta^T f when H + damping I is
+positive definite: then <J^T beta, v> > 0. Away from a minimum H is
+indefinite, and v can point uphill; so every step checks
+cos(v, J^T beta) > `min_descent` first and, where it fails, raises the
+damping Levenberg-Marquardt style (x10, up to `max_damping`: v tends to
+J^T beta, the steepest descent of beta^T f) until it holds, or stops that
+direction with a warning. H is never formed: MINRES runs on exact
+Hessian-vector products (`keras_mgda.backend`).
+
+As in the authors' code (`pareto/optim/kkt_solver.py`): the min-norm alpha
+of the raw gradients, v normalised, damping 0.1, at most 50 MINRES
+iterations, tolerance 1e-5, step size 0.1, 10 steps per direction. Unlike
+it, gradients and Hessian-vector products are averages over all the data
+by default (theirs: gradients over a quarter of the training set with
+momentum, Hessian-vector products on one mini-batch of 2048;
+`sample_batches` draws a fresh sample per step), MINRES starts from 0
+(theirs from the mean gradient), and optional correction steps (plain MGDA
+steps, the paper's Section 4.2) pull each new point back towards the
+Pareto set.
 """
 
-import collections
 import time
+import warnings
 
 import keras
 import numpy as np
 
-from keras_mgda import backend as mtl_backend
-from keras_mgda import solvers
-from keras_mgda.backend import numpy_ops
+from keras_mgda.pareto import _checks
 from keras_mgda.pareto import _data
+from keras_mgda.pareto import _walk
+from keras_mgda.pareto._run import Run
+from keras_mgda.pareto._run import stationarity
 from keras_mgda.pareto.front import ParetoFront
-from keras_mgda.pareto.minres import minres
-from keras_mgda.pareto.scipy_minres import scipy_minres
 
-__all__ = ["DEFAULT_SOLVER", "SOLVERS", "explore"]
+__all__ = ["DEFAULT_SOLVER", "SOLVERS", "START_STATIONARITY_WARNING", "explore", "stationarity_of"]
 
-SOLVERS = ("keras", "scipy")
+SOLVERS = _checks.SOLVERS
 # The faster of the two on CPU (benchmarks/pareto_solvers.py, docs/pareto.md).
 DEFAULT_SOLVER = "keras"
 TRAINABLE = ("all", "shared")
-
-
-# One point of the walk: losses (T,), Gram matrix (T, T), J^T beta.
-_Point = collections.namedtuple("_Point", ["losses", "gram", "rhs"])
-
-
-class _Run:
-    """One exploration: the model, what moves, the data, and the costs."""
-
-    def __init__(self, model, variables, data, options):
-        self.model = model
-        self.variables = variables
-        self.data = data
-        self.options = options
-        self.num_tasks = len(model.step_plan.task_names)
-        self.cost = {
-            "gradient_passes": 0, "jvp_passes": 0, "hvp_passes": 0, "evaluation_passes": 0,
-            "minres_iterations": [], "examples": data.count, "seconds": 0.0,
-        }
-        self._rng = np.random.default_rng(options["seed"])
-        self._use(range(len(data.batches)))
-
-    @property
-    def sampling(self):
-        """Whether each step draws its own batches."""
-        count = self.options["sample_batches"]
-        return count is not None and count < len(self.data.batches)
-
-    def resample(self):
-        """With `sample_batches`, a fresh draw (without replacement) of the
-        batches the next averages run over; otherwise they stay all."""
-        if self.sampling:
-            count = len(self.data.batches)
-            self._use(sorted(self._rng.choice(count, self.options["sample_batches"], replace=False)))
-
-    def _use(self, chosen):
-        """Averages over the batches at positions `chosen`, each weighted by
-        its share of their examples."""
-        sizes = [self.data.sizes[i] for i in chosen]
-        total = sum(sizes)
-        self.batches = [self.data.batches[i] for i in chosen]
-        self.shares = [size / total for size in sizes]
-        self.cost["examples_per_pass"] = total
-
-    def _average(self, primitive, *args):
-        """The average of a per-batch primitive's result over the batches."""
-        return mtl_backend.batch_average(primitive, self.model, self.variables, self.batches, self.shares, *args)
-
-    def combined(self, coefficients):
-        """Losses (T,) and J^T coefficients over the current batches, one
-        backward pass."""
-        coefficients = np.asarray(coefficients, np.float32)
-        losses, grads = self._average(mtl_backend.weighted_gradient, coefficients)
-        self.cost["gradient_passes"] += 1
-        return np.asarray(keras.ops.convert_to_numpy(losses), np.float64), list(grads)
-
-    def point(self, beta=None):
-        """Task losses, the Gram matrix J J^T and (for a given
-        beta) J^T beta, holding at most two parameter-sized vectors: column
-        t of the Gram matrix is J g_t, one forward-mode pass along g_t, so
-        no (T x parameters) matrix is formed."""
-        num_tasks = self.num_tasks
-        gram = np.zeros((num_tasks, num_tasks))
-        rhs = None
-        for t in range(num_tasks):
-            losses, g_t = self.combined(np.eye(num_tasks)[t])
-            gram[:, t] = keras.ops.convert_to_numpy(self._average(mtl_backend.task_jvp, g_t))
-            self.cost["jvp_passes"] += 1
-            if beta is not None and beta[t] != 0:
-                part = [float(beta[t]) * g for g in g_t]
-                rhs = part if rhs is None else [r + p for r, p in zip(rhs, part, strict=True)]
-        if beta is not None and rhs is None:
-            rhs = [keras.ops.zeros_like(g) for g in g_t]
-        return _Point(losses, (gram + gram.T) / 2, rhs)
-
-    def direction(self, point):
-        """MINRES's solution v of (H + damping I) v = J^T beta at this point."""
-        # The raw gradients' min-norm weights, as in the KKT condition the
-        # exploration follows (no normalisation).
-        alpha = np.asarray(solvers.min_norm(point.gram, ops=numpy_ops), np.float32)
-        options = self.options
-        settings = dict(damping=options["damping"], max_iters=options["minres_iters"], tol=options["tol"])
-        system = (self.model, self.variables, self.batches, self.shares, alpha)
-        if options["solver"] == "scipy":
-            v, iterations, _ = scipy_minres(mtl_backend.averaged_hvp(*system), point.rhs, **settings)
-        else:
-            v, iterations, _ = mtl_backend.hessian_solve(*system, point.rhs, minres, **settings)
-        iterations = int(keras.ops.convert_to_numpy(iterations))
-        self.cost["minres_iterations"].append(iterations)
-        self.cost["hvp_passes"] += iterations
-        return v
-
-    def move(self, vectors, scale):
-        """x <- x - scale * vectors."""
-        for variable, vector in zip(self.variables, vectors, strict=True):
-            variable.assign(variable - keras.ops.cast(scale, variable.dtype) * keras.ops.cast(vector, variable.dtype))
-
-    def correct(self):
-        """MGDA steps back towards the Pareto set: x <- x - lr * J^T alpha."""
-        lr = self.options["correction_step_size"]
-        for _ in range(self.options["correction_steps"]):
-            alpha = solvers.min_norm(self.point().gram, ops=numpy_ops)
-            self.move(self.combined(alpha)[1], lr)
-
-    def evaluate(self, plan):
-        """The point's task losses (with `loss_weights`) and `evaluate`'s
-        metrics, on the exploration's data."""
-        x, y, batch_size = self.data.source
-        metrics = self.model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
-        self.cost["evaluation_passes"] += 1
-        losses = [metrics[f"{name}_loss"] * w for name, w in zip(plan.task_names, plan.loss_weights, strict=True)]
-        return np.asarray(losses, np.float64), {k: float(v) for k, v in metrics.items()}
-
-
-def _norm(vectors):
-    return float(np.sqrt(sum(float(keras.ops.sum(v * v)) for v in vectors)))
+# Above this |sum_t alpha_t g_t| / max_t |g_t| at the start, `explore`
+# warns that the start is not near Pareto-stationary (docs/pareto.md: the
+# MultiMNIST measurements behind it).
+START_STATIONARITY_WARNING = 0.1
 
 
 def _variables(model, trainable):
@@ -170,97 +65,65 @@ def _variables(model, trainable):
     raise ValueError(f"Unknown trainable={trainable!r}; use one of {TRAINABLE}.")
 
 
-def _directions(directions, num_tasks):
-    if directions is None:
-        return np.eye(num_tasks, dtype=np.float32)
-    directions = np.atleast_2d(np.asarray(directions, np.float32))
-    if directions.shape[1] != num_tasks:
-        raise ValueError(f"directions must be (K, {num_tasks}), one beta per row; got shape {directions.shape}.")
-    return directions
+def _check_start(start_point, options):
+    """The start's stationarity; warns above START_STATIONARITY_WARNING."""
+    measure = stationarity(start_point.gram, start_point.alpha)
+    if measure > START_STATIONARITY_WARNING:
+        advice = "train the model further"
+        if options["correction_steps"] == 0:
+            advice += ", or pass correction_steps=1 or more (MGDA steps towards the front after each step)"
+        warnings.warn(
+            f"The start is not near Pareto-stationary: |sum_t alpha_t g_t| / max_t |g_t| = {measure:.3g} > "
+            f"{START_STATIONARITY_WARNING} (0 on the Pareto set). Exploration follows the Pareto set from a point "
+            "on it; from here its steps also keep training the model, so both losses can fall along every "
+            f"direction and only points where one loss rises are trade-offs. To start nearer the front, {advice}.",
+            RuntimeWarning, stacklevel=4,  # the caller of `explore`
+        )
+    return measure
 
 
-def _check(model, plan, options):
-    if plan.num_tasks < 2:
-        raise ValueError("Pareto exploration needs at least two tasks (outputs compiled with a loss).")
-    if options["solver"] not in SOLVERS:
-        raise ValueError(f"Unknown solver={options['solver']!r}; use one of {SOLVERS}.")
-    for name in ("step_size", "correction_step_size", "tol"):
-        if not options[name] > 0:
-            raise ValueError(f"{name} must be positive; got {options[name]!r}.")
-    if options["damping"] < 0 or options["minres_iters"] < 1 or options["steps"] < 1:
-        raise ValueError("damping must be >= 0, and minres_iters and steps >= 1.")
-    if options["sample_batches"] is not None and options["sample_batches"] < 1:
-        raise ValueError(f"sample_batches must be None (all the data) or >= 1; got {options['sample_batches']}.")
+def _snapshot(model):
+    """Every variable of the model, its metrics and its optimizer, by
+    identity, with a copy of its value."""
+    variables = list(model.variables) + list(model.metrics_variables)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    unique = {id(v): v for v in variables}
+    # A copy: on torch the NumPy view of a CPU tensor shares its memory.
+    return [(v, np.array(keras.ops.convert_to_numpy(v), copy=True)) for v in unique.values()]
 
 
-def _walk(run, plan, beta, start, on_point):
-    """Takes the steps along one direction from the start point."""
-    options = run.options
-    point = start
-    for step in range(options["steps"]):
-        v = run.direction(point)
-        norm = _norm(v)
-        if not np.isfinite(norm) or norm == 0.0:
-            raise FloatingPointError(
-                f"The exploration direction is {'zero' if norm == 0 else 'not finite'} at step {step} of "
-                f"beta={beta.tolist()}; raise `damping` or check the losses."
-            )
-        run.move(v, options["step_size"] / norm)
-        run.resample()
-        run.correct()
-        if step + 1 < options["steps"]:  # the last point needs no gradients
-            point = run.point(beta)
-        on_point(step + 1, *run.evaluate(plan))
-
-
-def _trace(run, plan, betas, front, start_weights, verbose):
-    """Walks every direction from the start, adding each point to `front`;
-    leaves the model at the start, also when a step fails."""
-    model = run.model
-    # Without sampling the start's Gram matrix serves every direction;
-    # with it, each direction draws its own batches and computes its own.
-    start = None if run.sampling else run.point()
-    bar = keras.utils.Progbar(len(betas) * run.options["steps"], verbose=0 if verbose == 0 else 1, unit_name="step")
-    try:
-        for k, beta in enumerate(betas):
-            model.set_weights(start_weights)
-
-            def on_point(step, losses, metrics, k=k):
-                front.add(losses, metrics, model.get_weights(), direction=k, step=step)
-                bar.add(1, [(f"{name}_loss", value) for name, value in zip(plan.task_names, losses)])
-
-            if start is None:
-                run.resample()
-                point = run.point(beta)
-            else:  # J^T beta at the start: one backward pass per direction.
-                point = start._replace(rhs=run.combined(beta)[1])
-            _walk(run, plan, beta, point, on_point)
-    finally:
-        model.set_weights(start_weights)
+def _restore(snapshot):
+    for variable, value in snapshot:
+        variable.assign(value)
 
 
 def explore(
     model, x, y=None, *, directions=None, steps=10, step_size=0.1, correction_steps=0,
-    correction_step_size=None, minres_iters=50, tol=1e-5, damping=0.1, batch_size=None,
-    trainable="all", solver=DEFAULT_SOLVER, sample_batches=None, seed=None, verbose="auto",
+    correction_step_size=None, minres_iters=50, tol=1e-5, damping=0.1, max_damping=1e4, min_descent=1e-3,
+    batch_size=None, trainable="all", solver=DEFAULT_SOLVER, sample_batches=None, seed=None, verbose="auto",
 ):
     """Traces the Pareto set of a trained multi-task model from its point.
 
     Per direction beta, `steps` times: task gradients J (averaged over all
     the data, or over a fresh sample of `sample_batches` batches), their
     min-norm weights alpha, MINRES on (H + damping I) v = J^T beta with H
-    the Hessian of sum_i alpha_i f_i, the step x <- x - step_size v / |v|
-    (beta = e_i lowers task i), then `correction_steps` MGDA steps. All in
-    inference mode, on the compiled task losses with their `loss_weights`;
-    the model is left at its starting weights.
+    the Hessian of sum_i alpha_i f_i, a check that v lowers beta^T f (the
+    damping raised until it does), the step x <- x - step_size v / |v|,
+    then `correction_steps` MGDA steps. All in inference mode, on the
+    compiled task losses with their `loss_weights`. Every variable of the
+    model (weights, metrics, optimizer) is left as it was, also when an
+    error is raised.
 
     Args:
-        model: a compiled `keras_mgda.MultiTaskModel` with at least 2 tasks.
+        model: a compiled `keras_mgda.MultiTaskModel` with at least 2 tasks,
+            trained to (near) Pareto stationarity: a warning says when the
+            start is not (see `START_STATIONARITY_WARNING`).
         x: the data, as for `fit`: arrays (with `y`), or a batched
             `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)`.
         y: the targets, with array `x`.
-        directions: (K, T) array, one beta per row; default one per task
-            (the rows of the identity).
+        directions: (K, T) array, one beta per row (finite, not all zero);
+            default one per task (the rows of the identity).
         steps: steps per direction (10, as the authors).
         step_size: length of each step in weight space (0.1).
         correction_steps: MGDA steps after each exploration step (0).
@@ -269,57 +132,127 @@ def explore(
         tol: MINRES's relative residual tolerance (1e-5).
         damping: added to H's diagonal (0.1): H is singular or indefinite
             in most directions of a network's weight space.
-        batch_size: batch size for arrays (default 1024).
+        max_damping: the largest damping a step may raise it to (1e4)
+            before its direction is stopped with a warning.
+        min_descent: a direction is taken when cos(v, J^T beta) exceeds it
+            (1e-3).
+        batch_size: batch size for arrays (default 1024); None with a
+            `tf.data.Dataset`, which keeps its own batches.
         trainable: `"all"` (every trainable weight moves) or `"shared"`
             (only the encoder's, up to Z; the heads stay fixed).
         solver: `"keras"` (MINRES in `keras.ops`, the default: faster on
             CPU, see docs/pareto.md) or `"scipy"` (SciPy's MINRES on the host).
-        sample_batches: if set, each step's gradients, Hessian-vector
-            products and corrections average over this many batches drawn
-            afresh (as the authors' code draws a mini-batch per step), not
-            over all the data; points are still scored on all of it.
+        sample_batches: if set (at most the number of batches), each step's
+            gradients, Hessian-vector products and corrections average over
+            this many batches drawn afresh (as the authors' code draws a
+            mini-batch per step); points are still scored on all the data.
         seed: the seed of those draws.
-        verbose: 0 silences the progress bar; `"auto"` or 1 shows it.
+        verbose: 0 (silent), 1 (Keras's progress bar), 2 (one line per
+            step) or `"auto"` (1 on a terminal, else 2), as Keras's `fit`.
 
     Returns:
-        A `ParetoFront`: point 0 is the start, then `steps` points per
-        direction in order.
+        A `ParetoFront`: point 0 is the start, then up to `steps` points per
+        direction in order, each with its damping, MINRES residual, descent
+        cosine and stationarity; `front.stopped` says which directions
+        stopped early and why.
 
     Example:
 
     ```python
-    model.fit(x_train, y_train, epochs=10)  # an MGDAModel
+    model.fit(x_train, y_train, epochs=100)  # an MGDAModel, trained to convergence
     front = keras_mgda.pareto.explore(model, x_val, y_val, steps=5)
     front.restore(3)  # the model at point 3; front.losses is (1 + 5 K, T)
     ```
     """
     started = time.perf_counter()
-    data = _data.as_data(x, y, batch_size)
-    plan = model.step_plan_for(tuple(data.batches[0]))
     options = _options(
         steps=steps, step_size=step_size, correction_steps=correction_steps,
         correction_step_size=correction_step_size, minres_iters=minres_iters, tol=tol, damping=damping,
-        solver=solver, sample_batches=sample_batches, seed=seed,
+        max_damping=max_damping, min_descent=min_descent, batch_size=batch_size, solver=solver,
+        sample_batches=sample_batches, seed=seed, verbose=verbose,
     )
-    _check(model, plan, options)
-    betas = _directions(directions, plan.num_tasks)
-    run = _Run(model, _variables(model, trainable), data, options)
-    start_weights = model.get_weights()
+    _checks.check_options(options)
+    if hasattr(x, "as_numpy_iterator") and batch_size is not None:
+        raise ValueError("batch_size applies to arrays; a tf.data.Dataset keeps its own batches: pass batch_size=None.")
+    data = _data.as_data(x, y, batch_size)
+    _checks.check_sample_batches(sample_batches, len(data.batches), batch_size)
+    plan = model.step_plan_for(tuple(data.batches[0]))
+    if plan.num_tasks < 2:
+        raise ValueError("Pareto exploration needs at least two tasks (outputs compiled with a loss).")
+    betas = _checks.directions_array(directions, plan.task_names)
+    variables = _variables(model, trainable)
+    _checks.check_weights(variables)
+    snapshot = _snapshot(model)
+    try:
+        front = _explore(model, data, plan, betas, variables, options)
+    finally:
+        _restore(snapshot)
+    front.cost["seconds"] = time.perf_counter() - started
+    return front
+
+
+def _explore(model, data, plan, betas, variables, options):
+    """The exploration proper, on checked arguments."""
+    run = Run(model, variables, data, plan.task_names, options)
     front = ParetoFront(plan.task_names, betas, model=model)
-    front.add(*run.evaluate(plan), start_weights, direction=-1, step=0)
-    _trace(run, plan, betas, front, start_weights, verbose)
-    run.cost["seconds"] = time.perf_counter() - started
+    where = "the start (point 0)"
+    losses, metrics = run.evaluate(plan, where)
+    # The start's stationarity on all the data, also when steps sample.
+    start = run.point(where)
+    measure = _check_start(start, options)
+    front.add(losses, metrics, model.get_weights(), direction=-1, step=0, stationarity=measure)
+    progress = _walk.Progress(len(betas) * options["steps"], options["verbose"], plan.task_names)
+    front.stopped = _walk.trace(run, plan, betas, start, front, progress)
     front.cost = run.cost
     return front
 
 
+def stationarity_of(model, x, y=None, *, batch_size=None, trainable="all"):
+    """How far a model is from Pareto stationarity on some data, as
+    `explore` measures its start: |sum_t alpha_t g_t| / max_t |g_t|, with
+    g_t the task gradients averaged over all of `x` and alpha their
+    min-norm weights (0 on the Pareto set, 1 when the gradients do not
+    conflict at all). Changes no variable.
+
+    Args:
+        model: a compiled `keras_mgda.MultiTaskModel` with at least 2 tasks.
+        x: the data, as for `explore`.
+        y: the targets, with array `x`.
+        batch_size: batch size for arrays (default 1024).
+        trainable: `"all"` or `"shared"`, as for `explore`.
+
+    Returns:
+        A float.
+
+    Example:
+
+    ```python
+    if keras_mgda.pareto.stationarity_of(model, x, y) > keras_mgda.pareto.START_STATIONARITY_WARNING:
+        model.fit(x, y, epochs=10)  # train further before exploring
+    ```
+    """
+    options = _options(**_DEFAULTS, batch_size=batch_size)
+    _checks.check_options(options)
+    data = _data.as_data(x, y, batch_size)
+    plan = model.step_plan_for(tuple(data.batches[0]))
+    if plan.num_tasks < 2:
+        raise ValueError("Pareto stationarity needs at least two tasks (outputs compiled with a loss).")
+    run = Run(model, _variables(model, trainable), data, plan.task_names, options)
+    point = run.point("the data passed")
+    return stationarity(point.gram, point.alpha)
+
+
+# explore's settings that `stationarity_of` does not use, at their defaults.
+_DEFAULTS = dict(
+    steps=10, step_size=0.1, correction_steps=0, correction_step_size=None, minres_iters=50, tol=1e-5,
+    damping=0.1, max_damping=1e4, min_descent=1e-3, solver=DEFAULT_SOLVER, sample_batches=None, seed=None,
+    verbose=0,
+)
+
+
 def _options(**options):
-    """explore's settings, with counts as ints and the defaults that depend
-    on other settings filled in."""
-    for name in ("steps", "correction_steps", "minres_iters"):
-        options[name] = int(options[name])
+    """explore's settings, with the defaults that depend on other settings
+    filled in."""
     if options["correction_step_size"] is None:
         options["correction_step_size"] = options["step_size"]
-    if options["sample_batches"] is not None:
-        options["sample_batches"] = int(options["sample_batches"])
     return options

@@ -7,7 +7,11 @@ import numpy as np
 
 from keras_mgda.pareto.hypervolume import pareto_mask
 
-__all__ = ["ParetoFront"]
+__all__ = ["DIAGNOSTICS", "ParetoFront"]
+
+# What each point records about the step that reached it (NaN for the
+# start; `stationarity` is the point's own).
+DIAGNOSTICS = ("damping", "minres_residual", "descent", "stationarity")
 
 
 class ParetoFront:
@@ -27,11 +31,24 @@ class ParetoFront:
         weights: per point, the model's weights in `get_weights()` layout.
         direction_index: (P,) each point's direction (-1 for the start).
         step_index: (P,) each point's step along it (0 for the start).
-        cost: what the exploration cost: full-data backward passes
-            (`gradient_passes`, each the gradient of one combination of
-            the losses), forward-mode passes (`jvp_passes`, each J v),
-            Hessian-vector products (`hvp_passes`) and `evaluate`
-            (`evaluation_passes`), MINRES iterations per solve, the
+        damping: (P,) the damping of the solve that gave the step to each
+            point: the `damping` asked for, or more where that did not give
+            a direction that lowers beta^T f (NaN for the start).
+        minres_residual: (P,) that solve's relative residual
+            |J^T beta - (H + damping I) v| / |J^T beta| (MINRES's estimate;
+            NaN with `solver="scipy"` and for the start).
+        descent: (P,) cos(v, J^T beta) of that step: how directly it lowers
+            beta^T f (NaN for the start).
+        stationarity: (P,) |sum_t alpha_t g_t| / max_t |g_t| at each point,
+            alpha the min-norm weights (0 on the Pareto set).
+        stopped: `{direction: message}` for the directions that stopped
+            before their last step, and why.
+        cost: what the exploration cost: backward passes (`gradient_passes`,
+            each the gradient of one combination of the losses), forward-mode
+            passes (`jvp_passes`, each J v), Hessian-vector products
+            (`hvp_passes`) and `evaluate` calls (`evaluation_passes`), each
+            with the examples they ran over (`<kind>_examples`), MINRES
+            iterations per solve (retries at a raised damping included), the
             number of examples and the wall time in seconds.
         model: the model `restore` and `interpolate` set by default (not
             saved).
@@ -55,16 +72,24 @@ class ParetoFront:
         self.weights = []
         self._direction = []
         self._step = []
+        self._diagnostics = {name: [] for name in DIAGNOSTICS}
+        self.stopped = {}
         self.cost = {}
         self.model = model
 
-    def add(self, losses, metrics, weights, direction, step):
-        """Appends a point (used by `explore`)."""
+    def add(self, losses, metrics, weights, direction, step, **diagnostics):
+        """Appends a point (used by `explore`); `diagnostics` are values of
+        `DIAGNOSTICS` (NaN where not given)."""
+        unknown = set(diagnostics) - set(DIAGNOSTICS)
+        if unknown:
+            raise ValueError(f"Unknown diagnostics {sorted(unknown)}; a point records {DIAGNOSTICS}.")
         self._losses.append(np.asarray(losses, np.float64))
         self.metrics.append(dict(metrics))
         self.weights.append([np.array(w) for w in weights])
         self._direction.append(int(direction))
         self._step.append(int(step))
+        for name in DIAGNOSTICS:
+            self._diagnostics[name].append(float(diagnostics.get(name, np.nan)))
 
     def __len__(self):
         return len(self._losses)
@@ -80,6 +105,22 @@ class ParetoFront:
     @property
     def step_index(self):
         return np.asarray(self._step, np.int64)
+
+    @property
+    def damping(self):
+        return np.asarray(self._diagnostics["damping"], np.float64)
+
+    @property
+    def minres_residual(self):
+        return np.asarray(self._diagnostics["minres_residual"], np.float64)
+
+    @property
+    def descent(self):
+        return np.asarray(self._diagnostics["descent"], np.float64)
+
+    @property
+    def stationarity(self):
+        return np.asarray(self._diagnostics["stationarity"], np.float64)
 
     def _model(self, model):
         model = self.model if model is None else model
@@ -151,6 +192,8 @@ class ParetoFront:
             "step_index": self.step_index,
             "metrics": np.asarray(json.dumps(self.metrics)),
             "cost": np.asarray(json.dumps(self.cost)),
+            "stopped": np.asarray(json.dumps({str(k): v for k, v in self.stopped.items()})),
+            "diagnostics": np.asarray([self._diagnostics[name] for name in DIAGNOSTICS], np.float64),
             "num_weights": np.asarray([len(w) for w in self.weights], np.int64),
         }
         for p, weights in enumerate(self.weights):
@@ -166,8 +209,13 @@ class ParetoFront:
             front = cls([str(n) for n in data["task_names"]], data["directions"], model=model)
             metrics = json.loads(str(data["metrics"]))
             counts = data["num_weights"]
+            # Fronts saved before points recorded diagnostics load with NaN.
+            diagnostics = data["diagnostics"] if "diagnostics" in data else np.full((len(DIAGNOSTICS), 0), np.nan)
             for p, losses in enumerate(data["losses"]):
                 weights = [data[f"weight_{p}_{k}"] for k in range(int(counts[p]))]
-                front.add(losses, metrics[p], weights, data["direction_index"][p], data["step_index"][p])
+                values = {name: row[p] for name, row in zip(DIAGNOSTICS, diagnostics) if p < len(row)}
+                front.add(losses, metrics[p], weights, data["direction_index"][p], data["step_index"][p], **values)
             front.cost = json.loads(str(data["cost"]))
+            if "stopped" in data:
+                front.stopped = {int(k): v for k, v in json.loads(str(data["stopped"])).items()}
         return front

@@ -14,14 +14,30 @@ from typing import Any
 import keras
 
 from keras_mgda import _keras
+from keras_mgda.step import diagnosis
 from keras_mgda.types import Tensor
 
 __all__ = ["RecordingLoss", "record_task_losses", "task_loss_list"]
 
 
+def _sparse_crossentropy_options(loss_fn: Any) -> dict | None:
+    """The options of a Keras sparse categorical cross-entropy (its
+    `axis`, `ignore_class`), or None for any other loss."""
+    fn = getattr(loss_fn, "fn", loss_fn)
+    if fn is not keras.losses.sparse_categorical_crossentropy:
+        return None
+    return dict(getattr(loss_fn, "_fn_kwargs", None) or {})
+
+
 class RecordingLoss:
     """Wraps one entry of Keras's `CompileLoss` to keep the value it
     computed in `sink[index]`.
+
+    It also keeps, for the error path only (`keras_mgda.step.diagnosis`),
+    references to the task's target, prediction and sample weights; checks
+    the class labels of a sparse categorical cross-entropy before the loss
+    runs (out of range: the loss is NaN, so that the step stops on every
+    backend alike); and tags an exception the loss raises with the task.
 
     Args:
         loss_fn: the entry's loss function.
@@ -29,15 +45,35 @@ class RecordingLoss:
         index: the task's index.
     """
 
-    def __init__(self, loss_fn: Callable[..., Tensor], sink: dict[int, Tensor], index: int) -> None:
+    def __init__(self, loss_fn: Callable[..., Tensor], sink: dict[Any, Any], index: int) -> None:
         self.loss_fn = loss_fn
         self.sink = sink
         self.index = index
 
     def __call__(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        value = self.loss_fn(y_true, y_pred, sample_weight)
+        self.sink[diagnosis.data_key(self.index)] = (y_true, y_pred, sample_weight)
+        y_true, out_of_range = self._checked_labels(y_true, y_pred)
+        try:
+            value = self.loss_fn(y_true, y_pred, sample_weight)
+        except Exception as error:
+            setattr(error, diagnosis.TASK_ATTRIBUTE, self.index)
+            raise
+        if out_of_range is not None:
+            value = keras.ops.where(out_of_range, keras.ops.cast(float("nan"), value.dtype), value)
         self.sink[self.index] = value
         return value
+
+    def _checked_labels(self, y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor | None]:
+        """For a sparse categorical cross-entropy: the labels with those out
+        of range replaced by 0, and whether there were any; else the labels
+        as they are and None."""
+        options = _sparse_crossentropy_options(self.loss_fn)
+        if options is None or getattr(y_pred, "shape", None) is None:
+            return y_true, None
+        classes, ignore_class = y_pred.shape[options.get("axis", -1)], options.get("ignore_class")
+        self.sink[diagnosis.labels_key(self.index)] = (classes, ignore_class)
+        valid, out_of_range = diagnosis.labels_out_of_range(y_true, classes, ignore_class)
+        return keras.ops.where(valid, y_true, keras.ops.zeros_like(y_true)), out_of_range
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loss_fn, name)

@@ -83,6 +83,7 @@ def compute_losses(model: keras.Model, plan: StepPlan, batch: Batch, y_pred: Any
         T per-task scalars (with their `loss_weights`), and the extra loss or
         None.
     """
+    plan.recorded.clear()  # no data of an earlier step on the error path
     total = _keras.compute_loss(model, batch.x, batch.y, y_pred, batch.sample_weight)
     dtype = plan.compile_loss.dtype
     return Losses(total, plan.task_losses(dtype), _keras.additional_loss(model))

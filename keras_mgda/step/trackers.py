@@ -70,8 +70,10 @@ class FirstNonfiniteTask(keras.metrics.Metric):
     changes nothing from then on; the train function's wrapper reads it
     after each call and raises (see `phases.nonfinite_error`). A host
     callback from inside the step would cost more than the whole
-    weighting. Logs nothing. Every replica decides alike, so the first
-    replica's value is kept under `tf.distribute`.
+    weighting. Beside the task, `cause` keeps what was wrong with its data
+    (a code of `keras_mgda.step.diagnosis.CAUSES`, 0 for nothing found).
+    Logs nothing. Every replica decides alike, so the first replica's
+    value is kept under `tf.distribute`.
     """
 
     def __init__(self) -> None:
@@ -83,12 +85,16 @@ class FirstNonfiniteTask(keras.metrics.Metric):
             aggregation="only_first_replica",
             name="task_plus_one",
         )
+        self.cause = self.add_variable(
+            shape=(), initializer="zeros", dtype=self.dtype, aggregation="only_first_replica", name="cause"
+        )
 
-    def update_state(self, step_ok: Tensor, bad_index: Tensor) -> None:
+    def update_state(self, step_ok: Tensor, bad_index: Tensor, cause: Tensor | int = 0) -> None:
         current = self.task_plus_one.value
         first = keras.ops.logical_and(current == 0, keras.ops.logical_not(step_ok))
         value = keras.ops.cast(bad_index, self.dtype) + 1
         self.task_plus_one.assign(keras.ops.where(first, value, current))
+        self.cause.assign(keras.ops.where(first, keras.ops.cast(cause, self.dtype), self.cause.value))
 
     def result(self) -> dict[str, Tensor]:
         return {}

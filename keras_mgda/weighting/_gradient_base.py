@@ -16,7 +16,7 @@ from keras_mgda import numerics as nx
 from keras_mgda.weighting.base import GRADIENT_SPACES
 from keras_mgda.weighting.base import Weighting
 
-__all__ = ["HEAD_UPDATES", "GradientWeighting", "GramInput", "check_choice"]
+__all__ = ["HEAD_UPDATES", "GradientWeighting", "GramInput", "cap_factor", "check_cap", "check_choice"]
 
 HEAD_UPDATES = ("scaled", "full")
 
@@ -25,6 +25,24 @@ def check_choice(name, value, choices):
     """Raises a ValueError naming the choices when `value` is not one."""
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; use one of {choices}.")
+
+
+def check_cap(cap):
+    """A weight cap: None, or a finite float > 0."""
+    if cap is None:
+        return None
+    if not 0 < cap < float("inf"):
+        raise ValueError(f"weight_cap must be finite and > 0, or None; got {cap!r}.")
+    return float(cap)
+
+
+def cap_factor(scores, cap, *, ops=keras.ops):
+    """The factor min(1, cap / max(scores)) that scales non-negative
+    `scores` down together to at most `cap` (1 when `cap` is None)."""
+    if cap is None:
+        return 1.0
+    largest = ops.max(scores)
+    return ops.where(largest > cap, cap / ops.where(largest > cap, largest, 1.0), 1.0)
 
 
 class GramInput:

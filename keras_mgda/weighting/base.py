@@ -18,6 +18,7 @@ import inspect
 
 import keras
 
+from keras_mgda import _keras
 from keras_mgda.types import WeightingLike
 
 __all__ = ["GRADIENT_SPACES", "Weighting", "by_name", "call_with_ops", "get", "per_task_values"]
@@ -217,11 +218,7 @@ class Weighting(keras.layers.Layer):
     def _saved_variables(self):
         # Seed generators' states too: a random method (PCGrad) resumes its
         # sequence of draws after loading instead of restarting it.
-        return (
-            list(self._trainable_variables)
-            + list(self._non_trainable_variables)
-            + [generator.state for generator in self._seed_generators]
-        )
+        return _keras.layer_own_state(self)
 
     def save_own_variables(self, store):
         for index, variable in enumerate(self._saved_variables()):

@@ -9,6 +9,8 @@ import numpy as np
 from keras_mgda import numerics as nx
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
+from keras_mgda.weighting._gradient_base import cap_factor
+from keras_mgda.weighting._gradient_base import check_cap
 
 __all__ = ["FairGrad", "fair_weights"]
 
@@ -46,6 +48,20 @@ class FairGrad(GradientWeighting):
     diagonal, keeps w finite there and changes a regular solution by about
     epsilon (relative). Tasks whose gradient is exactly zero get weight 0.
 
+    Degenerate input (cap): with opposite gradients only the ridge stops
+    the weights (about 1 / sqrt(epsilon) = 1000 times their usual size at
+    alpha = 1), and near-opposite ones get large weights too. So the
+    weights are scaled down together until none exceeds `weight_cap` (100)
+    times its value for orthogonal gradients of the same norms,
+    ||g_i||^(-2 alpha / (alpha + 1)); at alpha = 1 that is w_i ||g_i|| <=
+    `weight_cap` (two tasks up to 179 degrees apart are untouched), and
+    the update is at most sqrt(T) long, whatever the gradients' size. At
+    alpha != 1 conflicting tasks whose norms lie orders of magnitude apart
+    reach that ratio legitimately (up to 68 measured on 10 and 40 tasks
+    with norms 1e-4 to 1e4), hence the cap of 100 rather than Nash-MTL's
+    10. The authors' least squares stops wherever its iterations end on
+    such a step.
+
     Scale: scaling M by s scales the weights by s^(-alpha / (alpha + 1)).
     The update is not normalised to the gradients' size: at alpha = 1 it
     has norm sqrt(T) in the space M is taken in, however small the
@@ -71,7 +87,11 @@ class FairGrad(GradientWeighting):
         head_update: `"full"` (heads get their own gradients) or `"scaled"`
             (heads get their task weight times their gradient).
         max_iters: cap on the Newton iterations.
-        epsilon: the relative ridge (see above), > 0.
+        epsilon: the relative ridge (see above), > 0; at least the compute
+            dtype's machine epsilon (a smaller ridge is lost in rounding and
+            leaves Newton's system singular on opposite gradients).
+        weight_cap: the largest weight of the unit-scaled problem (see
+            above), > 0; None for no cap.
         **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
 
     Returns:
@@ -94,6 +114,7 @@ class FairGrad(GradientWeighting):
         head_update: Literal["scaled", "full"] = "full",
         max_iters: int = 50,
         epsilon: float = 1e-6,
+        weight_cap: float | None = 100.0,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
@@ -104,15 +125,20 @@ class FairGrad(GradientWeighting):
         self.alpha = float(alpha)
         self.max_iters = int(max_iters)
         self.epsilon = float(epsilon)
+        self.weight_cap = check_cap(weight_cap)
 
     def call(self, losses, gram=None, ops=keras.ops):
         gram = GramInput(gram, ops)
-        weights = fair_weights(gram, self.alpha, max_iters=self.max_iters, epsilon=self.epsilon)
+        weights = fair_weights(
+            gram, self.alpha, max_iters=self.max_iters, epsilon=self.epsilon, cap=self.weight_cap
+        )
         return gram.finish(weights)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"alpha": self.alpha, "max_iters": self.max_iters, "epsilon": self.epsilon})
+        config.update({
+            "alpha": self.alpha, "max_iters": self.max_iters, "epsilon": self.epsilon, "weight_cap": self.weight_cap,
+        })
         return config
 
 
@@ -127,7 +153,7 @@ class _Objective:
         self.power = gram.const(-1.0 / alpha)
         corr = gram.correlation()  # identity rows for inactive tasks
         eye = ops.eye(gram.num_tasks, dtype=gram.dtype)
-        self.corr = corr + eye * ops.where(gram.active, gram.const(epsilon), 0.0)
+        self.corr = corr + eye * ops.where(gram.active, gram.const(max(epsilon, gram.eps)), 0.0)
         # Inactive tasks: c = 1, so b = 1 there (dropped at the end).
         self.coeff = ops.where(gram.active, ops.power(gram.norms(), gram.const(1.0 / alpha - 1.0)), 1.0)
 
@@ -158,9 +184,11 @@ class _Objective:
         return s * ops.ones((gram.num_tasks,), dtype=gram.dtype)
 
 
-def fair_weights(gram, alpha, max_iters=50, epsilon=1e-6):
+def fair_weights(gram, alpha, max_iters=50, epsilon=1e-6, cap=None):
     """w > 0 with (M w)_i = w_i^(-1/alpha), for a `GramInput`, by damped
-    Newton on `_Objective`; 0 for tasks whose gradient is zero."""
+    Newton on `_Objective`; 0 for tasks whose gradient is zero; the
+    unit-scale weights b scaled down together to at most `cap` (None: no
+    cap)."""
     ops = gram.ops
     objective = _Objective(gram, alpha, epsilon)
     steps = ops.power(gram.const(0.5), ops.arange(LINE_SEARCH_STEPS, dtype=gram.dtype))
@@ -191,6 +219,9 @@ def fair_weights(gram, alpha, max_iters=50, epsilon=1e-6):
 
     inf = gram.const(np.inf)
     b, _, _ = ops.while_loop(cond, body, (objective.start(), inf, inf), maximum_iterations=max_iters)
+    # b over its value for orthogonal gradients, c^(alpha / (alpha + 1)): 1 there.
+    relative = ops.where(gram.active, b / ops.power(objective.coeff, gram.const(alpha / (alpha + 1.0))), 0.0)
+    b = b * cap_factor(relative, cap, ops=ops)
     # w = b / ||g||, in units of the unit-scaled M; M = scale * unit.
     weights = b / gram.norms() * ops.power(gram.scale, gram.const(-alpha / (alpha + 1.0)))
     return ops.where(gram.active, weights, 0.0)

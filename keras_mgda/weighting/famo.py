@@ -55,6 +55,12 @@ class FAMO(AfterUpdateHook):
     sets task weights, not the update's norm): give the optimizer
     `clipnorm=1.0` for the same effect on the whole model.
 
+    Degenerate losses: a task whose loss is within `epsilon` of its bound
+    is solved (its log gap is -inf) and gets weight 0 for the step, the
+    others sharing the weight as usual; in the authors' code its weight
+    1 / epsilon takes all of it (every other task's weight ~1e-8). The
+    weights are on the simplex, so the update is at most max_t |g_t|.
+
     Args:
         learning_rate: the logits' Adam learning rate (0.025, the paper and
             the authors' code).
@@ -117,9 +123,13 @@ class FAMO(AfterUpdateHook):
 
     def call(self, losses, gram=None):
         logs = self._log_gaps(losses)
-        ratio = ops.softmax(ops.convert_to_tensor(self.logits)) * ops.exp(-logs)
+        # A solved task (L - b <= epsilon): weight 0 rather than all of it.
+        solved = ops.cast(losses, "float32") - ops.convert_to_tensor(self._bounds, "float32") <= self.epsilon
+        ratio = ops.where(solved, 0.0, ops.softmax(ops.convert_to_tensor(self.logits)) * ops.exp(-logs))
+        total = ops.sum(ratio)
+        weights = ratio / ops.where(total > 0, total, 1.0)
         # An infinite loss would get weight 0: NaN instead, as for NaN.
-        return ops.where(ops.all(ops.isfinite(logs)), ratio / ops.sum(ratio), float("nan"))
+        return ops.where(ops.all(ops.isfinite(logs)), weights, float("nan"))
 
     def after_update(self, losses, new_losses):
         delta = self._log_gaps(losses) - self._log_gaps(new_losses)

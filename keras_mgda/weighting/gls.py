@@ -29,10 +29,16 @@ class GLS(Weighting):
     neither overflow nor underflow. Needs no gradients beyond the usual
     backward pass.
 
-    Degenerate losses: `epsilon` keeps a zero loss finite (without it the
-    objective's derivative is infinite there); a negative loss (outside
-    the method's domain) or a NaN or infinite one gives NaN weights, which
-    the model's finiteness check catches.
+    Degenerate losses: a task whose loss is at most `epsilon` is solved
+    and left out of the product for the step (weight 0): with it, the
+    geometric mean is 0 whatever the other tasks do, and the guard alone
+    gives the solved task exp(mean log) / epsilon (7e4 for three tasks at
+    loss 1 and one at 0) times its gradient. The mean then runs over the
+    remaining K tasks, w_t = exp(mean_K log(L + epsilon)) / (K (L_t +
+    epsilon)), and the update is at most GM max_t |g_t| / L_t (GM the
+    geometric mean of the remaining losses). A negative loss (outside the
+    method's domain) or a NaN or infinite one gives NaN weights, which the
+    model's finiteness check catches.
 
     Args:
         epsilon: added to every loss before the logarithm (not in the
@@ -60,7 +66,10 @@ class GLS(Weighting):
     def call(self, losses, gram=None):
         losses = ops.cast(losses, "float32")
         logs = ops.log(ops.where(losses >= 0, losses + self.epsilon, float("nan")))
-        weights = ops.exp(ops.mean(logs) - logs) / losses.shape[0]
+        kept = losses > self.epsilon  # solved tasks leave the product
+        count = ops.maximum(ops.sum(ops.cast(kept, "float32")), 1.0)
+        mean = ops.sum(ops.where(kept, logs, 0.0)) / count
+        weights = ops.where(kept, ops.exp(mean - ops.where(kept, logs, 0.0)) / count, 0.0)
         # An infinite loss makes every weight meaningless (inf - inf).
         return ops.where(ops.all(ops.isfinite(logs)), weights, float("nan"))
 

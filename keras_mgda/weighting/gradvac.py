@@ -28,8 +28,9 @@ class GradVac(GradientWeighting):
 
     and the goal follows an exponential moving average of the observed
     cosines, phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij (for every
-    visited pair, as in the paper and torchjd; LibMTL updates only the
-    corrected ones). The shared weights follow sum_i g_i^PC. As in torchjd,
+    visited pair, corrected or not, as in the paper, torchjd and LibMTL;
+    LibMTL's versions before its "fix a bug in GradVac" updated only the
+    corrected pairs). The shared weights follow sum_i g_i^PC. As in torchjd,
     every g_i^PC is a combination of the task gradients, so the method runs
     on the Gram matrix, and the weight of task k is the sum over i of the
     coefficient of g_k in g_i^PC. With goals 0 (the start) it is PCGrad's
@@ -45,6 +46,16 @@ class GradVac(GradientWeighting):
     a zero gradient count as 0. Task heads keep their plain gradients
     (`head_update="full"`), as in the paper.
 
+    Degenerate input (cap): a correction lengthens g_i^PC by
+    sqrt(1 - phi^2) / sqrt(1 - phi_hat^2), without bound as a goal nears 1
+    (after a run of aligned gradients, goals of 1 - 1e-7 and then
+    orthogonal ones gave weights of 1025, the update 1450 times the
+    gradients). So each g_i^PC is scaled down to at most `growth_cap`
+    (10) times ||g_i|| (a goal up to 0.995 against orthogonal gradients is
+    untouched), and the update is at most `growth_cap` sum_i ||g_i||. The
+    paper and LibMTL have no such bound (LibMTL adds 1e-8 to the
+    divisor).
+
     Args:
         beta: the EMA rate of the goals, in [0, 1] (default 0.5, LibMTL's
             and torchjd's default).
@@ -54,6 +65,8 @@ class GradVac(GradientWeighting):
         head_update: `"full"` (heads get their own gradients) or `"scaled"`
             (heads get their task weight times their gradient).
         seed: int or None, seed of the random orders.
+        growth_cap: the largest ||g_i^PC|| / ||g_i|| (see above), > 0; None
+            for no cap.
         **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
 
     Returns:
@@ -74,9 +87,13 @@ class GradVac(GradientWeighting):
         mode: Literal["representation", "parameters"] = "representation",
         head_update: Literal["scaled", "full"] = "full",
         seed: int | None = None,
+        growth_cap: float | None = 10.0,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
+        if growth_cap is not None and not 0 < growth_cap < float("inf"):
+            raise ValueError(f"growth_cap must be finite and > 0, or None; got {growth_cap!r}.")
+        self.growth_cap = None if growth_cap is None else float(growth_cap)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
         self.beta = float(beta)
@@ -91,14 +108,14 @@ class GradVac(GradientWeighting):
         gram = GramInput(gram, ops)
         orders = random_orders(gram.num_tasks, self.seed_generator, ops=ops)
         goals = ops.cast(self.goals.value, gram.dtype)
-        weights, goals = vaccine(gram.unit, goals, orders, self.beta, ops=ops)
+        weights, goals = vaccine(gram.unit, goals, orders, self.beta, growth_cap=self.growth_cap, ops=ops)
         # A non-finite M leaves the goals as they were (and gives NaN weights).
         self.goals.assign(ops.cast(ops.where(gram.finite, goals, self.goals.value), "float32"))
         return gram.finish(weights)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"beta": self.beta, "seed": self.seed})
+        config.update({"beta": self.beta, "seed": self.seed, "growth_cap": self.growth_cap})
         return config
 
 
@@ -118,7 +135,7 @@ def random_orders(num_tasks, seed, *, ops=keras.ops):
     return ops.cast(ops.argsort(draws, axis=-1)[:, : num_tasks - 1], "int32")
 
 
-def vaccine(gram, goals, orders, beta, *, ops=keras.ops):
+def vaccine(gram, goals, orders, beta, *, growth_cap=None, ops=keras.ops):
     """GradVac's coefficients and updated goals for given task orders.
 
     All tasks i are corrected at once: step s visits task orders[i, s] for
@@ -129,6 +146,8 @@ def vaccine(gram, goals, orders, beta, *, ops=keras.ops):
         goals: (T, T) goals phi_hat, in M's dtype.
         orders: (T, T - 1) int32, as `random_orders` returns.
         beta: the EMA rate (a Python float).
+        growth_cap: None, or the largest ||g_i^PC|| / ||g_i||: longer
+            corrected gradients are scaled down to it.
         ops: the namespace of array functions.
 
     Returns:
@@ -163,5 +182,10 @@ def vaccine(gram, goals, orders, beta, *, ops=keras.ops):
     if num_tasks == 1:  # no other task (and JAX traces the body even for 0 rounds)
         return ops.sum(coefficients, axis=0), goals
     state = (coefficients, gram, goals)
-    coefficients, _, goals = ops.fori_loop(0, num_tasks - 1, body, state)
+    coefficients, products, goals = ops.fori_loop(0, num_tasks - 1, body, state)
+    if growth_cap is not None:
+        lengths = ops.sqrt(nx.maximum(ops.sum(products * coefficients, axis=-1), zero, ops=ops))
+        limit = growth_cap * norms
+        shrink = ops.where(lengths > limit, safe_divide(limit, lengths), nx.const(1.0, gram, ops=ops))
+        coefficients = coefficients * shrink[:, None]
     return ops.sum(coefficients, axis=0), goals

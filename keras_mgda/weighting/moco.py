@@ -146,7 +146,9 @@ class MoCo(GradientState, GradientAggregator):
 def project_onto_simplex(v, *, ops=keras.ops):
     """The Euclidean projection of v (T,) onto {x >= 0, sum(x) = 1}.
 
-    The sort-based algorithm (Duchi et al., 2008), as the authors' code:
+    The sort-based algorithm (Duchi et al., 2008), as the authors' code,
+    after shifting v so that its largest entry is 0 (the projection is the
+    same; without the shift, entries of 1e15 round the simplex's sum away):
     with u = v sorted in decreasing order, rho the largest j with
     u_j > (sum_{i <= j} u_i - 1) / j, and theta = (sum_{i <= rho} u_i - 1)
     / rho, the projection is max(v - theta, 0).
@@ -166,6 +168,9 @@ def project_onto_simplex(v, *, ops=keras.ops):
     """
     num_tasks = v.shape[-1]
     dtype = nx.float_dtype(v)
+    # The projection commutes with a shift: from the largest entry at 0,
+    # entries far below it (a step of 1e15) do not swamp the sum's 1.
+    v = v - ops.max(v)
     u = -ops.sort(-v)  # decreasing
     index = ops.arange(num_tasks, dtype=dtype) + 1.0
     # Cumulative sums as a triangular product (ops.cumsum is missing in

@@ -10,6 +10,8 @@ import numpy as np
 from keras_mgda import numerics as nx
 from keras_mgda.weighting._gradient_base import GradientWeighting
 from keras_mgda.weighting._gradient_base import GramInput
+from keras_mgda.weighting._gradient_base import cap_factor
+from keras_mgda.weighting._gradient_base import check_cap
 
 __all__ = ["NashMTL", "bargaining_weights"]
 
@@ -50,6 +52,19 @@ class NashMTL(GradientWeighting):
     Scale: alpha is in units of 1 / ||g||, so scaling M by s scales the
     weights by 1 / sqrt(s). Tasks whose gradient is exactly zero have no
     bargaining position: they get weight 0.
+
+    Degenerate input (cap): near conflicting gradients the bargaining
+    weights beta_t = alpha_t ||g_t|| grow without bound (two gradients at
+    an angle theta get 1 / sqrt(1 + cos theta)), and with opposite ones
+    only the ridge stops them, at about 1 / sqrt(epsilon) = 1000; the
+    shared update stays short (its norm is at most sqrt(T)), but the heads
+    get alpha_t times their gradient. So beta is scaled down, all tasks
+    together, until the largest is `weight_cap` (10: two tasks up to 174
+    degrees apart are untouched): every task's term alpha_t ||g_t|| and
+    every head's factor times ||g_t|| is at most `weight_cap`, and the
+    shared update at most min(sqrt(T), max_norm), whatever the gradients'
+    size. The authors' code (cvxpy) fails to solve such a step and keeps
+    the previous step's alpha (ones at the first step).
 
     The authors' code then clips the norm of the shared parameters' gradient
     to `max_norm` (1.0), while the heads keep alpha_t times their gradient.
@@ -94,7 +109,11 @@ class NashMTL(GradientWeighting):
         head_update: `"scaled"` (heads get alpha_t times their gradient, as
             in the paper) or `"full"` (heads get their own gradients).
         max_iters: cap on the Newton iterations.
-        epsilon: the relative ridge (see above), > 0.
+        epsilon: the relative ridge (see above), > 0; at least the compute
+            dtype's machine epsilon (a smaller ridge is lost in rounding and
+            leaves Newton's system singular on opposite gradients).
+        weight_cap: the largest alpha_t ||g_t|| (see above), > 0; None for
+            no cap.
         update_weights_every: solve every this many steps (1, the authors'
             default), an integer >= 1.
         **kwargs: passed to `keras.layers.Layer` (e.g. `name`).
@@ -120,6 +139,7 @@ class NashMTL(GradientWeighting):
         max_iters: int = 50,
         epsilon: float = 1e-6,
         update_weights_every: int = 1,
+        weight_cap: float | None = 10.0,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
@@ -134,6 +154,7 @@ class NashMTL(GradientWeighting):
         self.max_iters = int(max_iters)
         self.epsilon = float(epsilon)
         self.update_weights_every = int(update_weights_every)
+        self.weight_cap = check_cap(weight_cap)
 
     def build(self, num_tasks, task_names=None):
         super().build(num_tasks, task_names)
@@ -149,7 +170,7 @@ class NashMTL(GradientWeighting):
     def call(self, losses, gram=None, ops=keras.ops):
         gram = GramInput(gram, ops)
         if self.update_weights_every == 1:
-            alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon)
+            alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon, cap=self.weight_cap)
             return gram.finish(alpha * self._clip_factor(gram.num_tasks))
         since = ops.convert_to_tensor(self.steps_since_solve)
         last = ops.cast(ops.convert_to_tensor(self.last_alpha), gram.dtype)
@@ -161,7 +182,7 @@ class NashMTL(GradientWeighting):
 
     def _solved(self, gram):
         """alpha and the weights of a solve step (`update_weights_every` > 1)."""
-        alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon)
+        alpha = bargaining_weights(gram, max_iters=self.max_iters, epsilon=self.epsilon, cap=self.weight_cap)
         return alpha, gram.finish(alpha * self._clip_factor(gram.num_tasks))
 
     def _reused(self, gram, alpha):
@@ -189,16 +210,18 @@ class NashMTL(GradientWeighting):
                 "max_iters": self.max_iters,
                 "epsilon": self.epsilon,
                 "update_weights_every": self.update_weights_every,
+                "weight_cap": self.weight_cap,
             }
         )
         return config
 
 
-def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
+def bargaining_weights(gram, max_iters=50, epsilon=1e-6, cap=None):
     """alpha > 0 with (M alpha)_t = 1 / alpha_t, for a `GramInput`.
 
     Solved in beta = alpha * ||g|| (on the unit-gradient Gram matrix C, where
-    beta_t (C beta)_t = 1), by damped Newton on f(b) = b^T C b / 2 - sum log b.
+    beta_t (C beta)_t = 1), by damped Newton on f(b) = b^T C b / 2 - sum log b;
+    then scaled down together so that max beta <= `cap` (None: no cap).
     """
     ops = gram.ops
     num_tasks = gram.num_tasks
@@ -206,7 +229,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
     eps = gram.eps
     corr = gram.correlation()  # identity rows for inactive tasks: beta_t = 1
     eye = ops.eye(num_tasks, dtype=dtype)
-    corr = corr + eye * ops.where(gram.active, gram.const(epsilon), 0.0)
+    corr = corr + eye * ops.where(gram.active, gram.const(max(epsilon, gram.eps)), 0.0)
     abs_corr = ops.abs(corr)
     steps = ops.power(gram.const(0.5), ops.arange(LINE_SEARCH_STEPS, dtype=dtype))
 
@@ -250,5 +273,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6):
     start = ops.sqrt(num_tasks / total) * ops.ones((num_tasks,), dtype=dtype)
     inf = gram.const(np.inf)
     beta, _, _ = ops.while_loop(cond, body, (start, inf, inf), maximum_iterations=max_iters)
+    beta = ops.where(gram.active, beta, 0.0)
+    beta = beta * cap_factor(beta, cap, ops=ops)
     alpha = beta / gram.norms() / ops.sqrt(gram.scale)
     return ops.where(gram.active, alpha, 0.0)

@@ -13,7 +13,7 @@ __all__ = [
 @keras.saving.register_keras_serializable(package="keras_mgda")
 class ScaleInvariant(Weighting):
     """The step follows sum_t log(L_t + epsilon): each task weighs
-    w_t = 1 / (L_t + epsilon).
+    w_t = 1 / (L_t + epsilon) (0 once its loss is at most epsilon).
 
     The scale-invariant ("SI") baseline of Navon et al., "Multi-Task
     Learning as a Bargaining Game", ICML 2022, and of Liu et al., "FAMO:
@@ -22,10 +22,14 @@ class ScaleInvariant(Weighting):
     leaves the update unchanged. Needs no gradients beyond the usual
     backward pass.
 
-    Degenerate losses: `epsilon` keeps a zero loss finite (weight
-    1 / epsilon, times that task's gradient, which vanishes at a minimum);
-    a negative loss (outside the method's domain) or a NaN or infinite one
-    gives a NaN weight, which the model's finiteness check catches.
+    Degenerate losses: a task whose loss is at most `epsilon` is solved
+    (log L_t is -inf there) and gets weight 0 for the step; the guard alone
+    would give it 1 / epsilon = 1e8 times its gradient, which a loss with
+    a floor or an offset need not make zero. So the update is at most
+    sum_t |g_t| / L_t <= T max_t |g_t| / L_t over the other tasks (the log
+    losses' own slopes). A negative loss (outside the method's domain) or
+    a NaN or infinite one gives a NaN weight, which the model's finiteness
+    check catches.
 
     Args:
         epsilon: added to every loss before the logarithm (the Nash-MTL
@@ -54,7 +58,8 @@ class ScaleInvariant(Weighting):
     def call(self, losses, gram=None):
         losses = ops.cast(losses, "float32")
         shifted = ops.where(losses >= 0, losses + self.epsilon, float("nan"))
-        return ops.where(ops.isfinite(shifted), 1.0 / shifted, float("nan"))
+        weights = ops.where(losses > self.epsilon, 1.0 / shifted, 0.0)  # a solved task: 0
+        return ops.where(ops.isfinite(shifted), weights, float("nan"))
 
     def get_config(self):
         return {"epsilon": self.epsilon}

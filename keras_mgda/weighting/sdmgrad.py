@@ -42,6 +42,16 @@ class SDMGrad(GradientWeighting):
     (`head_update="full"`), as in the authors' code. Where every gradient
     is zero the weights are 1/T.
 
+    Zero gradients: a task whose gradient is exactly zero is left out
+    (weight 0), and the problem is solved on the K others, g0 their mean,
+    as MGDA and CR-MOGM leave such a task out. The method's own formula
+    would keep it: its shifted gradient lambda g0 is the shortest, so it
+    takes most of the weight (M = [[2, 0, .5], [0, 0, 0], [.5, 0, 1]] ->
+    [0.077, 0.846, 0.077]) and the update shrinks to about
+    lambda / (1 + lambda) g0, the zero gradient counting as a task that
+    blocks every direction. The update is a convex combination of the
+    task gradients, so at most max_t |g_t| long.
+
     Args:
         lambda_: the regularisation towards g0, >= 0 (default 0.3, the
             authors' experiments; their class default is 0.6).
@@ -80,11 +90,13 @@ class SDMGrad(GradientWeighting):
     def call(self, losses, gram=None, ops=keras.ops):
         gram = GramInput(gram, ops)
         num_tasks = gram.num_tasks
-        shifted = shifted_gram(gram.unit, self.lambda_, ops=ops)
-        weights = solvers.min_norm(shifted, ops=ops)
-        weights = (weights + self.lambda_ / num_tasks) / (1.0 + self.lambda_)
+        active = gram.active
+        count = nx.maximum(ops.sum(ops.cast(active, gram.dtype)), gram.const(1.0), ops=ops)
+        shifted = shifted_gram(gram.unit, self.lambda_, active=active, ops=ops)
+        weights = solvers.min_norm(shifted, mask=active, ops=ops)
+        weights = ops.where(active, (weights + self.lambda_ / count) / (1.0 + self.lambda_), 0.0)
         # Every gradient zero: any w is optimal; the symmetric one.
-        return gram.finish(ops.where(ops.any(gram.active), weights, 1.0 / num_tasks))
+        return gram.finish(ops.where(ops.any(active), weights, 1.0 / num_tasks))
 
     def get_config(self):
         config = super().get_config()
@@ -92,17 +104,20 @@ class SDMGrad(GradientWeighting):
         return config
 
 
-def shifted_gram(gram, lambda_, *, ops=keras.ops):
+def shifted_gram(gram, lambda_, *, active=None, ops=keras.ops):
     """The Gram matrix of the shifted gradients g_i + lambda g0.
 
     Args:
         gram: (T, T) Gram matrix M of the gradients g_i.
         lambda_: the shift, a Python float.
+        active: optional bool (T,): g0 is the mean of these tasks'
+            gradients (default: all of them).
         ops: the namespace of array functions (default `keras.ops`).
 
     Returns:
-        (T, T) matrix M_ij + lambda (m_i + m_j) + lambda^2 mean(m), with
-        m = M 1 / T (m_i = g_i . g0).
+        (T, T) matrix M_ij + lambda (m_i + m_j) + lambda^2 g0 . g0, with
+        m = M a / K (m_i = g_i . g0), a the active tasks' indicator and K
+        their number.
 
     Example:
 
@@ -110,8 +125,13 @@ def shifted_gram(gram, lambda_, *, ops=keras.ops):
     s = shifted_gram(gram, 0.3)  # then keras_mgda.solvers.min_norm(s)
     ```
     """
-    num_tasks = gram.shape[-1]
+    if active is None:
+        members, count = gram, gram.shape[-1]
+    else:
+        members = ops.where(active[None, :], gram, nx.const(0.0, gram, ops=ops))
+        count = nx.maximum(ops.sum(ops.cast(active, gram.dtype)), nx.const(1.0, gram, ops=ops), ops=ops)
     # Sums, not ops.mean: Keras's torch mean computes float64 in float32.
-    mean = ops.sum(gram, axis=-1) / num_tasks  # g_i . g0
-    g0_norm2 = nx.maximum(ops.sum(mean) / num_tasks, nx.const(0.0, gram, ops=ops), ops=ops)
+    mean = ops.sum(members, axis=-1) / count  # g_i . g0
+    own = mean if active is None else ops.where(active, mean, nx.const(0.0, gram, ops=ops))
+    g0_norm2 = nx.maximum(ops.sum(own) / count, nx.const(0.0, gram, ops=ops), ops=ops)
     return gram + lambda_ * (mean[:, None] + mean[None, :]) + (lambda_ * lambda_) * g0_norm2

@@ -46,9 +46,15 @@ class STCH(Weighting):
     `STCH(mu, weights=lambda)`. Needs no gradients beyond the usual
     backward pass.
 
-    Degenerate losses: `epsilon` keeps a zero loss finite; a NaN, infinite
-    or (with `log_losses`) negative loss gives NaN weights, which the
-    model's finiteness check catches.
+    Degenerate losses (with `log_losses`): a task whose loss is at most
+    `epsilon` times its nadir value is solved (its log loss is -inf) and
+    gets weight 0 for the step; the guard alone gives it 1 / epsilon =
+    1e20 times its gradient (during the warm-up; after it, 0 times 1e20).
+    Its share of the smooth maximum is then ~0 anyway. So the update is
+    at most T max_t lambda_t |g_t| / L_t over the other tasks (the log
+    losses' own slopes; after the warm-up the softmax shares sum to 1).
+    A NaN, infinite or (with `log_losses`) negative loss gives NaN weights,
+    which the model's finiteness check catches.
 
     Args:
         mu: the smoothing parameter, > 0 (1.0, the authors' default).
@@ -115,7 +121,8 @@ class STCH(Weighting):
         """h and dh/dL."""
         if self.log_losses:
             losses = ops.where(losses >= 0, losses, float("nan"))
-            return ops.log(losses / nadir + self.epsilon), 1.0 / (losses + self.epsilon * nadir)
+            slopes = ops.where(losses > self.epsilon * nadir, 1.0 / (losses + self.epsilon * nadir), 0.0)
+            return ops.log(losses / nadir + self.epsilon), ops.where(ops.isnan(losses), losses, slopes)
         return losses / nadir, 1.0 / nadir
 
     def call(self, losses, gram=None):

@@ -147,3 +147,53 @@ def tiny_model(seed=0, examples=24, batch_norm=True):
     }
     model.step_plan_for((x, y))
     return model, (x, y)
+
+
+class Saddle:
+    """Two tasks of two shared parameters theta whose alpha-weighted Hessian
+    is indefinite at a Pareto-stationary start, so that the undamped
+    exploration direction for beta = e_0 points uphill:
+
+        f_0 = (theta_0 - 1)^2 + 3 theta_1 - theta_1^2,
+        f_1 = (theta_0 + 1)^2 - 3 theta_1 - theta_1^2.
+
+    At theta = 0 the gradients (-2, 3) and (2, -3) cancel at alpha = (1/2,
+    1/2), and H = diag(2, -2). With J^T e_0 = (-2, 3), the damped direction
+    v = (H + damping I)^-1 J^T e_0 = (-2 / (2 + d), 3 / (d - 2)) has
+    <J^T e_0, v> = 4 / (2 + d) + 9 / (d - 2): negative for every d in
+    [0, 2), positive for d > 2.
+    """
+
+    hessian = np.diag([2.0, -2.0])
+
+    def __init__(self, examples=4):
+        self.x = np.ones((examples, 1), np.float32)
+        self.y = {f"t{i}": np.zeros((examples, 2), np.float32) for i in range(2)}
+
+    @staticmethod
+    def losses(theta):
+        a, b = theta
+        return np.array([(a - 1) ** 2 + 3 * b - b**2, (a + 1) ** 2 - 3 * b - b**2])
+
+    @staticmethod
+    def gradients(theta):
+        a, b = theta
+        return np.array([[2 * (a - 1), 3 - 2 * b], [2 * (a + 1), -3 - 2 * b]])
+
+    @staticmethod
+    def _loss(sign):
+        def loss(y_true, y_pred):
+            a, b = y_pred[:, 0], y_pred[:, 1]
+            return (a - sign) ** 2 + sign * 3.0 * b - b * b + 0.0 * keras.ops.sum(y_true, axis=-1)
+
+        return loss
+
+    def model(self):
+        """The problem as a compiled `MultiTaskModel` at theta = 0."""
+        inputs = keras.Input((1,))
+        z = keras.layers.Dense(2, use_bias=False, kernel_initializer="zeros", name="theta")(inputs)
+        heads = [keras.layers.Dense(2, use_bias=False, trainable=False, kernel_initializer="identity", name=f"t{i}")
+                 for i in range(2)]
+        model = km.MultiTaskModel(inputs, {f"t{i}": h(z) for i, h in enumerate(heads)})
+        model.compile("sgd", loss={"t0": self._loss(1.0), "t1": self._loss(-1.0)})
+        return model

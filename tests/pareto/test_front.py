@@ -35,8 +35,10 @@ def _front(model=None, num_tasks=2):
     for p, (point, (k, step)) in enumerate(zip(losses, indices)):
         metrics = {f"{n}_accuracy": 1.0 - point[t] / 4 for t, n in enumerate(names)}
         metrics.update({f"{n}_loss": float(point[t]) for t, n in enumerate(names)})
-        front.add(point, metrics, [w + p for w in base], direction=k, step=step)
+        diagnostics = {} if p == 0 else {"damping": 0.1 * p, "minres_residual": 1e-3 * p, "descent": 0.5}
+        front.add(point, metrics, [w + p for w in base], direction=k, step=step, stationarity=0.01 * p, **diagnostics)
     front.cost = {"gradient_passes": 3, "seconds": 1.5}
+    front.stopped = {1: "direction 1 stopped before step 3: a reason."}
     return front
 
 
@@ -52,6 +54,10 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.step_index, front.step_index)
     assert loaded.metrics == front.metrics
     assert loaded.cost == front.cost
+    assert loaded.stopped == front.stopped
+    for name in ("damping", "minres_residual", "descent", "stationarity"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(front, name))
+    assert np.isnan(loaded.damping[0]) and loaded.damping[2] == pytest.approx(0.2)
     for a, b in zip(loaded.weights, front.weights):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)

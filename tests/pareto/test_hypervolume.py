@@ -8,6 +8,9 @@ import pytest
 from keras_mgda.pareto import hypervolume
 from keras_mgda.pareto import pareto_mask
 
+# NumPy geometry: once, under torch (tests/conftest.py).
+pytestmark = pytest.mark.one_backend
+
 
 def test_two_dimensions_by_hand():
     # Boxes [1,4]x[3,4], [2,4]x[2,4], [3,4]x[1,4]: 3 + 2*1 + 1*1 = 6.

@@ -10,6 +10,10 @@ from keras_mgda.pareto import scipy_minres
 
 from ._problems import tiny_model
 
+# MINRES's arithmetic: once, under torch (tests/conftest.py); tracing it and
+# the Hessian-vector products are backend-specific (`all_backends`).
+pytestmark = pytest.mark.one_backend
+
 SOLVERS = {"keras": minres, "scipy": scipy_minres}
 
 
@@ -85,6 +89,7 @@ def test_zero_right_hand_side_gives_zero():
         assert np.all(_flat(x) == 0)
 
 
+@pytest.mark.all_backends  # jax.jit / tf.function
 def test_traces_into_a_compiled_function():
     backend = keras.backend.backend()
     matrix, rhs = _system("indefinite")
@@ -106,6 +111,7 @@ def test_traces_into_a_compiled_function():
     assert np.linalg.norm(_flat([x]) - expected) <= 1e-5 * np.linalg.norm(expected)
 
 
+@pytest.mark.all_backends  # the backend's Hessian-vector products
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_solves_a_small_models_damped_hessian_system(solver):
     model, batch = tiny_model(batch_norm=False)

@@ -1,11 +1,22 @@
 """Fixtures of the weighting tests: the engine (keras.ops, and on torch the
 NumPy host path for the weightings the torch step solves on the host) and
-the report of the worst measured values."""
+the report of the worst measured values.
+
+The weightings are mathematics on a Gram matrix and losses: their
+properties, exactness and peer comparisons run once, under torch (every
+test here is `one_backend`, see ../conftest.py). What is backend-specific,
+each method compiled with jax.jit or tf.function (and XLA) as the model's
+step runs it, is checked on every backend by test_backends.py and the
+tests marked `all_backends`."""
+
+from pathlib import Path
 
 import pytest
 
 from ._calling import ENGINES
 from ._calling import MEASURED
+
+HERE = Path(__file__).parent
 
 
 def pytest_generate_tests(metafunc):
@@ -26,3 +37,11 @@ def report():
     yield
     if MEASURED:
         print("\nworst measured: " + ", ".join(f"{k}={v:.2e}" for k, v in sorted(MEASURED.items())))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Marks every test of this folder `one_backend`."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.one_backend)

@@ -82,6 +82,7 @@ def test_single_task(engine):
 
 
 @pytest.mark.slow
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     """(CAGrad's XLA compilation takes ~6 s: run it with -m slow.)"""
     if BACKEND != "tensorflow":

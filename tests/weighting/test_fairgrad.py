@@ -106,6 +106,7 @@ def test_single_task(alpha, engine):
     np.testing.assert_allclose(weigh(_instance(alpha), [[4.0]], engine=engine), [expected], rtol=2e-6)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
@@ -214,3 +215,22 @@ def test_agrees_with_torchjd(num_tasks, seed, alpha):
         measure(f"fairgrad_vs_torchjd_{dtype}", error)
         assert error <= 1e-5, (dtype, error)
         assert residual(gram, weights, alpha) <= 3e-5
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_weight_cap_on_opposite_gradients(scale, engine):
+    """Opposite gradients (no solution of Eq. 4): uncapped, only the ridge
+    stops w_i |g_i| (hundreds at alpha = 1); with the default cap the same
+    weights are scaled down together to max w_i |g_i| = 100, at any
+    gradient size, and the update stays within sqrt(T)."""
+    g = np.array([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0], [0.0, 0.5, 3.0]]) * scale
+    gram = gram_of(g)
+    norms = np.sqrt(np.diag(gram))
+    raw = weigh(FairGrad(weight_cap=None, epsilon=1e-8), gram, engine=engine)
+    capped = weigh(FairGrad(epsilon=1e-8), gram, engine=engine)
+    assert np.max(raw * norms) > 1000
+    np.testing.assert_allclose(np.max(capped * norms), 100.0, rtol=1e-5)
+    np.testing.assert_allclose(capped / capped.max(), raw / raw.max(), rtol=1e-5)
+    assert np.linalg.norm(capped @ g) <= np.sqrt(3.0) * (1 + 1e-5)
+    with pytest.raises(ValueError, match="weight_cap"):
+        FairGrad(weight_cap=-1.0)

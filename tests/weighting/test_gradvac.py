@@ -187,6 +187,7 @@ def test_seeded_orders_are_reproducible(engine):
     assert len({d.tobytes() for d in draws}) > 1  # new orders and goals every step
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     """tf.function(jit_compile=True): XLA draws other orders, so the update
     is Algorithm 1's for one of them."""
@@ -260,3 +261,27 @@ def test_agrees_with_torchjd(num_tasks, seed, monkeypatch):
         error32 = np.abs(weights - expected).max() / np.abs(expected).max()
         measure("gradvac_vs_torchjd_float32", error32)
         assert error32 <= 1e-5, (step, error32)
+
+
+def test_growth_cap_after_aligned_gradients():
+    """Thirty steps of aligned gradients bring the goals to 1 - 1e-7; then
+    orthogonal gradients: uncapped, each corrected gradient is ~1000 times
+    longer than its own gradient; capped, 10 times, in the same direction
+    (the goals move alike)."""
+    aligned = np.array([[1.0, 0.0], [1.0, 1e-3]])
+    orthogonal = np.eye(2)
+    results = []
+    for cap in (None, 10.0):
+        weighting = GradVac(seed=0, growth_cap=cap)
+        weighting.build(2)
+        for _ in range(30):
+            weigh(weighting, gram_of(aligned))
+        results.append((weigh(weighting, gram_of(orthogonal)), np.array(ops.convert_to_numpy(weighting.goals))))
+    (raw, raw_goals), (capped, capped_goals) = results
+    assert raw.max() > 500
+    np.testing.assert_allclose(capped, raw / raw.max() * capped.max(), rtol=1e-5)
+    # Uncapped g_i^PC = g_i + c g_j (orthonormal g, weights 1 + c), scaled
+    # down to length 10: weights 10 (1 + c) / sqrt(1 + c^2).
+    c = raw - 1.0
+    np.testing.assert_allclose(capped, 10 * (1 + c) / np.sqrt(1 + c**2), rtol=1e-4)
+    np.testing.assert_array_equal(capped_goals, raw_goals)

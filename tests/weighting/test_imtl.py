@@ -133,7 +133,16 @@ def test_agrees_with_torchjd(num_tasks):
         assert error <= 2e-5, (seed, error)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
     asserts.assert_compiled_equals_plain(built(3, [0.3, -0.2, 1.0]), gram_of(gradients("random", 3, 4)))
+
+
+def test_numpy_namespace_agrees():
+    """`call(..., ops=numpy_ops)` (the host namespace) gives the keras.ops
+    weights, with learned scales."""
+    gram = gram_of(gradients("random", 3, 4))
+    weighting = built(3, log_scales=[0.5, -1.0, 0.25])
+    asserts.assert_float64_paths_agree(weighting, gram, rtol=1e-9)

@@ -183,6 +183,7 @@ def test_fit_steps_are_the_reference():
         flat = np.concatenate([e.reshape(3, -1) for e in estimates], axis=1)
         lambdas = simplex_reference(lambdas - 0.5 * flat @ flat.T @ lambdas)
         ref.apply([3 * np.tensordot(lambdas, e, axes=1) for e in estimates], [head for _, head, _ in per_task])
+        model.reset_metrics()  # as `train_on_batch` does itself only since Keras 3.15
         logs = model.train_on_batch(x, y, return_dict=True)
         got = tiny.weights_of(model)
         for name, values in ref.w.items():
@@ -204,5 +205,30 @@ def test_skipped_step_leaves_the_estimates_untouched():
     assert logs["skipped_steps"] == 1.0
     for before, variable in zip(state, model.weighting.variables, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), before)
+    model.reset_metrics()  # as `train_on_batch` does itself only since Keras 3.15
     logs = model.train_on_batch(x, y, return_dict=True)
     assert logs["skipped_steps"] == 0.0 and float(keras.ops.convert_to_numpy(model.weighting.steps)) == 2.0
+
+
+def test_projection_of_huge_entries():
+    """A step of 1e15 (a task 1e8 larger than the others): without the
+    shift to the largest entry the float32 sort formula returned [2, 0, 0]
+    and then infinities; now the projection, exactly."""
+    for v in ([-1e15, 0.3, 0.1], [1e15, 1e15 + 2**50, -3.0], [-1e15, -1e13, 0.3]):
+        v = np.asarray(v, np.float32)
+        got = np.asarray(keras.ops.convert_to_numpy(moco.project_onto_simplex(keras.ops.convert_to_tensor(v))))
+        np.testing.assert_allclose(got, simplex_reference(v.astype(np.float64)), atol=1e-6)
+
+
+def test_one_task_1e8_larger_stays_finite():
+    """The tracked products are ~1e16: lambda stays on the simplex, the
+    direction finite and at most T times the longest estimate."""
+    rng = np.random.default_rng(1)
+    weighting = built(3)
+    for _ in range(4):
+        step = [rng.standard_normal((3,) + s) for s in SHAPES]
+        step = [g * np.array([1e8, 1.0, 1.0]).reshape((3,) + (1,) * len(s)) for g, s in zip(step, SHAPES)]
+        directions, weights = aggregate(weighting, step)
+        assert np.all(np.isfinite(weights)) and abs(weights.sum() - 3.0) < 1e-5
+        longest = max(np.linalg.norm(np.concatenate([g.reshape(3, -1) for g in step], axis=1), axis=1))
+        assert np.sqrt(sum(np.sum(d**2) for d in directions)) <= 3.0 * longest * (1 + 1e-5)

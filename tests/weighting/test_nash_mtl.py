@@ -87,6 +87,7 @@ def test_single_task(engine):
     np.testing.assert_allclose(weigh(make(NashMTL), [[4.0]], engine=engine), [0.5], rtol=1e-5)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
@@ -176,13 +177,13 @@ def _regime(problem):
 
 @pytest.mark.parametrize("name,dtype,path", exact_params())
 def test_exact_on_degenerate_problems(name, dtype, path):
-    """alpha > 0, finite and bounded (alpha_t |g_t| <= 10 / sqrt(epsilon));
+    """Uncapped: alpha > 0, finite and bounded (alpha_t |g_t| <= 10 / sqrt(epsilon));
     the ridged bargaining equations hold (to the regime's bound); where a
     solution exists, the plain ones too, up to the ridge's own effect
     epsilon alpha_t^2 M_tt."""
     problem = DEGENERATE[name]
     gram, num_tasks = problem.gram, problem.num_tasks
-    alpha = weigh_in(NashMTL(), gram, dtype, path) / clip_factor(num_tasks)
+    alpha = weigh_in(NashMTL(weight_cap=None), gram, dtype, path) / clip_factor(num_tasks)
     assert np.all(alpha > 0), alpha
     norms = np.sqrt(np.diag(gram))
     largest = np.max(alpha * norms)
@@ -302,6 +303,7 @@ def test_update_weights_every_gives_nan_for_a_non_finite_gram_when_reusing():
     assert np.all(np.isnan(weigh(weighting, gram)))
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_update_weights_every_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
@@ -339,3 +341,38 @@ def test_update_weights_every_agrees_with_torchjd(max_norm):
             error = np.abs(weights - expected).max() / np.abs(expected).max()
             measure(f"nash_every_vs_torchjd_max_norm_{max_norm}", error)
             assert error <= 1e-5, (step, error)
+
+
+OPPOSITE = np.array([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0], [0.0, 0.5, 3.0]])
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_weight_cap_on_opposite_gradients(scale, engine):
+    """Opposite gradients have no bargaining solution: uncapped, only the
+    ridge stops alpha_t |g_t| (hundreds); with the default cap the same
+    weights are scaled down together to max alpha_t |g_t| = 10, whatever
+    the gradients' size, so the heads ("scaled") get at most 10 / |g_t|
+    times their gradient and the shared update stays within sqrt(T)."""
+    g = OPPOSITE * scale
+    gram = gram_of(g)
+    norms = np.sqrt(np.diag(gram))
+    raw = weigh(NashMTL(weight_cap=None), gram, engine=engine)
+    capped = weigh(make(NashMTL), gram, engine=engine)
+    assert np.max(raw * norms) / clip_factor(3) > 100
+    alpha = capped / clip_factor(3)
+    np.testing.assert_allclose(np.max(alpha * norms), 10.0, rtol=1e-5)
+    np.testing.assert_allclose(capped / capped.max(), raw / raw.max(), rtol=1e-5)
+    heads = np.asarray(ops.convert_to_numpy(make(NashMTL).head_weights(ops.convert_to_tensor(capped))))
+    assert np.max(heads * norms) <= 10.0 * (1 + 1e-5)
+    assert np.linalg.norm(capped @ g) <= min(np.sqrt(3.0), 1.0) * (1 + 1e-5)
+
+
+def test_weight_cap_leaves_regular_solutions(engine):
+    """Independent gradients (a solution with alpha_t |g_t| below 10): the
+    cap changes nothing, bit for bit."""
+    gram = gram_of(gradients("random", 5, 2))
+    np.testing.assert_array_equal(
+        weigh(make(NashMTL), gram, engine=engine), weigh(NashMTL(weight_cap=None), gram, engine=engine)
+    )
+    with pytest.raises(ValueError, match="weight_cap"):
+        NashMTL(weight_cap=0.0)

@@ -70,6 +70,7 @@ def test_single_task(engine):
     np.testing.assert_allclose(weigh(make(PCGrad), [[4.0]], engine=engine), [1.0], rtol=1e-5)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     """tf.function(jit_compile=True): XLA draws other random orders, so the
     weights are the surgery for one of the orders."""

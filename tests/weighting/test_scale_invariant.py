@@ -3,7 +3,7 @@ w_t = 1 / (L_t + eps).
 
 Checked (torchjd has no such scalarizer): the config; the weights against
 the formula; the defining invariance (rescaling a loss leaves w_t L_t, so
-the update, unchanged); a zero loss is finite (1 / epsilon); a NaN,
+the update, unchanged); a zero loss is a solved task (weight 0); a NaN,
 infinite or negative loss gives NaN for that task.
 """
 
@@ -45,8 +45,11 @@ def test_update_is_invariant_to_rescaling_a_loss():
 
 
 def test_degenerate_losses():
+    """A loss at most epsilon is a solved task: weight 0 (the guard alone
+    gave 1e8); NaN, infinite or negative: NaN for that task."""
     weights = loss_weights(ScaleInvariant(), [0.0, 1.0, 2.0])
-    np.testing.assert_allclose(weights, [1e8, 1.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(weights, [0.0, 1.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(loss_weights(ScaleInvariant(epsilon=0.0), [0.0, 1e-30, 2.0])[:2], [0.0, 1e30], rtol=1e-6)
     for bad in (np.nan, np.inf, -1.0):
         weights = loss_weights(ScaleInvariant(), [bad, 1.0, 2.0])
         assert np.isnan(weights[0]) and np.all(np.isfinite(weights[1:])), (bad, weights)

@@ -76,6 +76,7 @@ def test_single_task(engine):
     np.testing.assert_allclose(weigh(make(SDMGrad), [[4.0]], engine=engine), [1.0], rtol=1e-6)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
@@ -179,3 +180,17 @@ def test_agrees_with_torchjd(num_tasks, seed):
         measure(f"sdmgrad_vs_torchjd_{dtype}", error)
         assert error <= rtol, (dtype, error)
         assert objective(weights) <= objective(default) * (1 + 1e-6)
+
+
+def test_zero_gradient_task_is_left_out(engine):
+    """The task with a zero gradient gets weight 0 and the others SDMGrad's
+    weights on their own problem (g0 their mean), as MGDA leaves such a
+    task out; the paper's formula would give it 0.85 of the weight (its
+    shifted gradient lambda g0 is the shortest) and shrink the update to
+    about lambda / (1 + lambda) g0."""
+    gram = np.array([[2.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.5, 0.0, 1.0]])
+    weights = weigh(make(SDMGrad), gram, engine=engine)
+    assert weights[1] == 0.0
+    alone = weigh(make(SDMGrad), gram[np.ix_([0, 2], [0, 2])], engine=engine)
+    np.testing.assert_allclose(weights[[0, 2]], alone, rtol=1e-6)
+    np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)

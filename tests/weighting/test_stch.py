@@ -107,8 +107,14 @@ def test_common_loss_scale_leaves_the_direction():
 
 
 def test_degenerate_losses():
+    """A zero loss is a solved task: weight 0 during the warm-up (the
+    guard alone gave it 1e20) and after it; the others as without it
+    (their softmax share barely moves: the solved task's log loss is -46).
+    NaN, infinite or negative: NaN."""
     weights = loss_weights(built(3, warmup_epochs=0), [0.0, 1.0, 2.0])
-    assert np.all(np.isfinite(weights)), weights
+    assert np.all(np.isfinite(weights)) and weights[0] == 0.0, weights
+    warmup = loss_weights(built(3, warmup_epochs=2), [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(warmup, [0.0, 1.0, 0.5], rtol=1e-6)
     for bad in (np.nan, np.inf, -1.0):
         assert np.all(np.isnan(loss_weights(built(3, warmup_epochs=0), [bad, 1.0, 2.0]))), bad
     assert np.all(np.isnan(loss_weights(built(3, warmup_epochs=0, log_losses=False), [np.inf, 1.0, 2.0])))

@@ -81,6 +81,7 @@ def test_single_task(engine):
     np.testing.assert_allclose(weigh(make(UPGrad), [[4.0]], engine=engine), [1.0], rtol=1e-5)
 
 
+@pytest.mark.all_backends  # TensorFlow XLA: skipped elsewhere
 def test_compiles_with_xla():
     if BACKEND != "tensorflow":
         pytest.skip("TensorFlow's XLA path; on JAX every test runs under jax.jit already")
