@@ -40,6 +40,8 @@ __all__ = [
     "inputs_struct",
     "keras_history",
     "layer_own_state",
+    "print_message",
+    "track_sublayer",
     "loss_tracker",
     "outputs_struct",
     "reduces_across_workers",
@@ -81,6 +83,7 @@ INTERNALS = (
     Internal("Layer", "_trainable_variables", None, "a weighting's own variables, to save them"),
     Internal("Layer", "_non_trainable_variables", None, "likewise"),
     Internal("Layer", "_seed_generators", None, "a weighting's random state, to save it"),
+    Internal("Layer", "_layers", None, "the tracked sub-layers; the weighting joins them (Keras < 3.11)"),
     Internal("KerasTensor", "_keras_history", None, "the operation and node that made a symbolic tensor"),
     Internal("torch core", "get_device", "torch", "the device Keras puts new torch tensors on"),
     Internal("torch core", "to_torch_dtype", "torch", "a Keras dtype name as a torch dtype"),
@@ -156,6 +159,29 @@ def keras_history(tensor: Any) -> tuple[Any, int, int] | None:
 def inbound_nodes(operation: Any) -> list[Any]:
     """The nodes of a layer or operation, one per call in a functional graph."""
     return _attribute(operation, "_inbound_nodes")
+
+
+def track_sublayer(model: keras.Model, layer: keras.layers.Layer) -> None:
+    """Makes `layer` one of `model`'s sub-layers after construction.
+
+    Setting it as an attribute tracks it, except on Keras releases whose
+    `Functional.__init__` replaced `_layers` with an untracked list (3.10):
+    there the layer's variables would miss `trainable_variables` (never
+    trained) and the step's saved state (never restored on a bad step).
+    """
+    layers = _attribute(model, "_layers")
+    if not any(known is layer for known in layers):
+        layers.append(layer)
+
+
+def print_message(message: str) -> None:
+    """Prints like Keras's progress bars: to stdout, or to absl logging when
+    interactive logging is off (`keras.config.disable_interactive_logging`)."""
+    try:
+        from keras.src.utils.io_utils import print_msg
+    except ImportError:  # pragma: no cover - a Keras that moved it
+        print_msg = print
+    print_msg(message)
 
 
 def layer_own_state(layer: keras.layers.Layer) -> list[keras.Variable]:

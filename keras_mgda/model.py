@@ -89,6 +89,7 @@ class MultiTaskModel(keras.Model):
         # Tracked like a sub-layer: the weighting's variables (state, learned
         # parameters) are the model's, saved and carried like any other.
         self._weighting = weighting_lib.get(weighting)
+        _keras.track_sublayer(self, self._weighting)
         # Helper sub-models and the step plan stay out of Keras's tracking,
         # so that `.keras` files hold exactly the user's model.
         object.__setattr__(self, "_split", _split_model(self, shared))
@@ -195,12 +196,13 @@ class MultiTaskModel(keras.Model):
         if not mtl_backend.build_before_tracing(self, iterator, data_batch):
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def _make_function(self, step_function):
-        # TensorFlow's trainer only: it reduces each step's logs across
-        # workers in a way that fails on scalars (see
-        # `keras_mgda.backend.tensorflow.distributed_step_function`).
+    def _make_function(self, step_function, *args, **kwargs):
+        # TensorFlow's trainer reduces each step's logs across workers in a
+        # way that fails on scalars (see
+        # `keras_mgda.backend.tensorflow.distributed_step_function`); JAX's
+        # takes `concatenate_outputs` (for predict), passed on unchanged.
         step_function = mtl_backend.distributed_step_function(self, step_function)
-        return super()._make_function(step_function)
+        return super()._make_function(step_function, *args, **kwargs)
 
     def step_plan_for(self, data: Any) -> StepPlan:
         """The `StepPlan`, built from `data` if Keras has not built the

@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_mgda import _keras
 from keras_mgda.pareto._run import dot
 from keras_mgda.pareto._run import norm
 from keras_mgda.pareto._run import stationarity
@@ -136,11 +137,7 @@ def verbosity(verbose):
 
 
 def _print(message):
-    try:  # Keras's printing: stdout, or absl logging when interactive logging is off
-        from keras.src.utils.io_utils import print_msg
-    except ImportError:  # pragma: no cover - a Keras without the module
-        print_msg = print
-    print_msg(message)
+    _keras.print_message(message)
 
 
 class Progress:
