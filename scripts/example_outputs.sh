@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the examples that the examples page (docs/examples.md) shows and
-# writes what they print, and the task-weight figure of the MultiMNIST run,
-# into docs/examples/. On torch; MNIST=path/to/mnist.npz gives the real
+# Runs the examples whose output the examples page (docs/examples.md)
+# shows (quickstart, MultiMNIST, multi-worker) and writes what they print,
+# and the task-weight figure of the MultiMNIST run, into docs/examples/. On torch; MNIST=path/to/mnist.npz gives the real
 # MultiMNIST (without it the example trains on scikit-learn's digits and
 # says so).
 #
@@ -14,6 +14,8 @@ mkdir -p "$out"
 python examples/quickstart.py > "$out/quickstart.txt"
 python examples/multi_mnist.py --epochs 2 --verbose 2 --output runs/multi_mnist-2-epochs \
   ${MNIST:+--data "$MNIST"} > "$out/multi_mnist.txt"
+python examples/multi_worker.py --engine torch --workers 2 ${MNIST:+--data "$MNIST"} \
+  --epochs 1 --steps 10 --test-examples 1000 --output runs/multi_worker > "$out/multi_worker.txt"
 python - <<'PY'
 from PIL import Image
 

@@ -194,6 +194,6 @@ def test_home_page_has_the_version_the_install_line_and_the_way_on(site):
 
 def test_examples_page_shows_the_committed_outputs(site):
     page = html.unescape((site / "examples" / "index.html").read_text())
-    for name in ("quickstart.txt", "multi_mnist.txt"):
+    for name in ("quickstart.txt", "multi_mnist.txt", "multi_worker.txt"):
         first_line = (ROOT / "docs" / "examples" / name).read_text().splitlines()[0]
         assert first_line and first_line in page, name
