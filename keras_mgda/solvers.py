@@ -57,12 +57,14 @@ __all__ = [
 ]
 
 NORMALIZATIONS = ("l2", "loss", "loss+", "none")
+"""The gradient normalisations `normalize_gram` and `MGDA(normalization=...)` accept."""
 
 # Frank-Wolfe only warm-starts the polish, so its default tolerance (on the
 # duality gap, relative to the largest M_ii) is loose. By default it is not
 # run at all (max_iters=0): from the best pair, the polish alone is as fast
 # under jax.jit up to T ~ 50, and 3-5x faster op by op (tf.function, torch).
 DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
+"""The Frank-Wolfe warm start's default tolerance by dtype (duality gap, relative to the largest M_ii)."""
 
 
 def _best_pair(gram, pair_mask, ops):

@@ -245,3 +245,74 @@ def test_accuracy_profile_lists_a_diverged_method_off_the_axes():
     ax = km.plots.accuracy_profile(results, failed_below=None).axes[0]
     assert "fairgrad" in _containers(ax) and ax.get_xlim()[0] < 12
     plt.close("all")
+
+
+# Figures that fit: nothing a reader needs is cut off by the saved figure --
+
+
+def _inside_figure(figure, artist):
+    """The artist's drawn box lies within the figure's (to a pixel)."""
+    figure.canvas.draw()
+    box, frame = artist.get_window_extent(figure.canvas.get_renderer()), figure.bbox
+    return box.x0 >= frame.x0 - 1 and box.y0 >= frame.y0 - 1 and box.x1 <= frame.x1 + 1 and box.y1 <= frame.y1 + 1
+
+
+def test_conflict_heatmap_of_two_tasks_keeps_its_title_and_colour_bar_label():
+    figure = km.plots.conflict_heatmap([[1.0, -0.5], [-0.5, 2.0]], ["left", "right"])
+    ax, colour_bar = figure.axes
+    assert _inside_figure(figure, ax.title)
+    assert colour_bar.get_ylabel() == "cosine" and _inside_figure(figure, colour_bar.yaxis.label)
+    # The cosines are written in their cells.
+    assert sorted(text.get_text() for text in ax.texts) == ["-0.35", "-0.35", "1.00", "1.00"]
+    plt.close(figure)
+
+
+def test_radar_legend_and_title_stay_inside_the_figure():
+    scores = {"MGDA-UB": {"s": 10.0, "m": 2.0, "y": 12.0}, "uniform": {"s": 20.0, "m": 3.0, "y": 10.0}}
+    figure = km.plots.radar(scores, title="error", percent=True)
+    ax = figure.axes[0]
+    assert _inside_figure(figure, ax.get_legend()) and _inside_figure(figure, ax.title)
+    figure.canvas.draw()
+    assert all(label.get_text().endswith("%") for label in ax.get_yticklabels() if label.get_text())
+    plt.close(figure)
+
+
+def test_task_weights_ticks_are_whole_epochs():
+    figure = km.plots.task_weights({"a_alpha": [0.4, 0.5, 0.6], "b_alpha": [0.6, 0.5, 0.4]})
+    ax = figure.axes[0]
+    figure.canvas.draw()
+    ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+    assert _inside_figure(figure, ax.get_legend())
+    plt.close(figure)
+
+
+def test_accuracy_profile_of_the_weightings_splits_them_by_family():
+    """More than ten of the library's methods: one panel per family, each
+    with the static curve and the single-task star, every method once,
+    distinct colours within a panel and every legend inside the figure."""
+    names = ["uniform", "mgda_ub", "dwa", "gls", "famo", "stch", "pcgrad", "upgrad", "nashmtl", "imtlg",
+             "crmogm", "graddrop", "moco"]
+    runs = [_run(name, 0, 0.960 + 0.0005 * i, 0.950 - 0.0003 * i) for i, name in enumerate(names)]
+    runs += [_run("single_task", 0, 0.97, 0.957),
+             _run("grid", 0, 0.955, 0.955, weights={"left": 0.5, "right": 0.5}),
+             _run("grid", 0, 0.965, 0.945, weights={"left": 0.7, "right": 0.3})]
+    figure = km.plots.accuracy_profile(runs, references={"paper": (96.5, 95.0)})
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+    assert list(panels) == ["Sener & Koltun's comparison", "loss-based methods", "Gram-matrix methods",
+                            "gradient aggregators"]
+    drawn = []
+    for title, ax in panels.items():
+        labels = set(_containers(ax))
+        assert {"grid (static weights)", "single task"} <= labels, title
+        methods = [c for label, c in _containers(ax).items() if label not in ("grid (static weights)", "single task")]
+        colours = [tuple(np.ravel(matplotlib.colors.to_rgba(c.lines[0].get_color()))) for c in methods]
+        assert len(set(colours)) == len(colours), title
+        drawn += [label for label in labels if label not in ("grid (static weights)", "single task")]
+        assert _inside_figure(figure, ax.get_legend()), title
+    assert len(drawn) == len(names) and "MGDA-UB" in drawn and "graddrop" in drawn
+    assert [t.get_text() for t in panels["Sener & Koltun's comparison"].texts] == ["paper"]
+    assert km.plots.accuracy_profile(runs, groups=None).axes[0].get_title().startswith("Accuracy profile")
+    with pytest.raises(ValueError, match="groups"):
+        km.plots.accuracy_profile(runs, groups="kind")
+    plt.close("all")

@@ -25,7 +25,8 @@ ATTRIBUTES = (
     "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
     "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
     "Wearing_Necktie", "Young",
-)  # the order of CelebA's list_attr_celeba.txt, as the authors number them
+)
+"""CelebA's 40 binary attributes (the 40 tasks), in the order of `list_attr_celeba.txt`."""
 
 SPLITS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 

@@ -49,6 +49,7 @@ CLASS_NAMES = (
     "traffic_sign", "vegetation", "terrain", "sky", "person", "rider", "car",
     "truck", "bus", "train", "motorcycle", "bicycle",
 )
+"""The 19 Cityscapes evaluation classes, in the order of the segmentation labels 0-18."""
 NUM_CLASSES = 19
 IGNORE_LABEL = 255
 FIRST_INSTANCE_ID = 1000  # instanceIds >= 1000 are labelId * 1000 + index

@@ -43,6 +43,10 @@ class ImageNetCaffePreprocessing(keras.layers.Layer):
     ```
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        """Args: **kwargs: passed to `keras.layers.Layer` (e.g. `name`)."""
+        super().__init__(**kwargs)
+
     def call(self, images: Tensor) -> Tensor:
         images = ops.flip(ops.cast(images, self.compute_dtype) * 255.0, axis=-1)
         mean = ops.convert_to_tensor(IMAGENET_CAFFE_MEAN, dtype=self.compute_dtype)

@@ -16,7 +16,9 @@ def pyplot():
 
 
 def new_axes(ax, figsize, **subplot_kw):
-    """`(figure, ax)`: the given axes and its figure, or new ones."""
+    """`(figure, ax)`: the given axes and its figure, or new ones laid out
+    with constrained layout, so that titles, colour bars and legends stay
+    inside the saved figure."""
     if ax is not None:
         return ax.figure, ax
-    return pyplot().subplots(figsize=figsize, subplot_kw=subplot_kw or None)
+    return pyplot().subplots(figsize=figsize, subplot_kw=subplot_kw or None, layout="constrained")

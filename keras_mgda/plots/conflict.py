@@ -65,12 +65,20 @@ def conflict_heatmap(
     names = list(task_names) if task_names is not None else [str(i) for i in range(len(cosine))]
     if len(names) != len(cosine):
         raise ValueError(f"{len(names)} task names for a {len(cosine)}x{len(cosine)} Gram matrix.")
-    figure, ax = new_axes(ax, (1.5 + 0.35 * len(names), 1 + 0.35 * len(names)))
+    # At least 4 x 3.2 inches: with two tasks the title and the colour
+    # bar's label need more room than the cells.
+    size = 0.35 * len(names)
+    figure, ax = new_axes(ax, (max(4.0, 1.5 + size), max(3.2, 1.0 + size)))
     image = ax.imshow(cosine, cmap="RdBu", vmin=-1.0, vmax=1.0)
     ax.set_xticks(range(len(names)))
     ax.set_yticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize="x-small")
-    ax.set_yticklabels(names, fontsize="x-small")
+    label_size = "small" if len(names) <= 10 else "x-small"
+    ax.set_xticklabels(names, rotation=90, fontsize=label_size)
+    ax.set_yticklabels(names, fontsize=label_size)
+    if len(names) <= 10:  # the values, where the cells have room for them
+        for (row, column), value in np.ndenumerate(cosine):
+            ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize="small",
+                    color="white" if abs(value) > 0.6 else "black")
     figure.colorbar(image, ax=ax, label="cosine")
     if title:
         ax.set_title(title)

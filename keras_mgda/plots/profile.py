@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from keras_mgda.plots._matplotlib import pyplot
+from keras_mgda.plots._panels import method_panels
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -139,6 +140,7 @@ def accuracy_profile(
     references: Mapping[str, tuple[float, float]] | None = None,
     title: str | None = None,
     failed_below: float | None = 0.5,
+    groups: str | Mapping[str, Sequence[str]] | None = "family",
 ) -> "Figure":
     """The accuracy profile of Sener & Koltun's Figure 3: one task's
     accuracy against the other's, one marker per method.
@@ -170,6 +172,14 @@ def accuracy_profile(
             the legend with its accuracies, "off the axes", so that it does
             not squeeze every other method into a corner; None draws every
             method.
+        groups: how to split many methods into panels that share their
+            axes, each with the static-weight curve and the single-task
+            star: `"family"` (the paper's comparison, then the loss-based,
+            Gram-matrix and gradient-aggregating methods of
+            `keras_mgda.weighting`), a mapping `{panel title: [methods]}`
+            (methods it does not name go to a panel "other"), or None for
+            one panel. `"family"` splits only more than ten methods; with
+            `ax`, or when every method falls in one group, one panel.
 
     Returns:
         The matplotlib `Figure` that holds the axes.
@@ -196,16 +206,39 @@ def accuracy_profile(
             f"No run has {tasks[0]!r} and {tasks[1]!r} accuracies for selection "
             f"{selection!r}; pass the benchmark's runs."
         )
+    panels = method_panels([m for m in summary if m not in (GRID, SINGLE_TASK)], groups) if ax is None else {}
+    if len(panels) > 1:
+        return _small_multiples(plt, summary, panels, tasks, selection, percent, references, title, failed_below)
     many = len(summary) + len(references or {}) > _LEGEND_INSIDE_MAX
     if ax is None:
         # Room on the right for a legend of many methods.
-        figure, ax = plt.subplots(figsize=(10, 5.5) if many else (6, 5))
+        figure, ax = plt.subplots(figsize=(10, 5.5) if many else (6, 5), layout="constrained")
     else:
         figure = ax.figure
     _draw_summary(ax, summary, 100.0 if percent else 1.0, failed_below)
     _draw_references(ax, references or {})
     _label_axes(ax, tasks, selection, percent, title)
     _place_legend(ax, many)
+    return figure
+
+
+def _small_multiples(plt, summary, panels, tasks, selection, percent, references, title, failed_below):
+    """One panel per group of methods, sharing their axes; the curve and the
+    single-task star in each, the published points in the first."""
+    rows = (len(panels) + 1) // 2
+    figure, axes = plt.subplots(rows, 2, figsize=(12, 4.6 * rows), sharex=True, sharey=True,
+                                layout="constrained", squeeze=False)
+    shared = {key: summary[key] for key in (GRID, SINGLE_TASK) if key in summary}
+    for index, (ax, (name, methods)) in enumerate(zip(axes.flat, panels.items())):
+        _draw_summary(ax, {**shared, **{m: summary[m] for m in methods}}, 100.0 if percent else 1.0, failed_below)
+        if index == 0:
+            _draw_references(ax, references or {})
+        _label_axes(ax, tasks, selection, percent, name)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    which = "best validation epoch" if selection == "honest" else "best test epoch (authors' selection)"
+    figure.suptitle(title if title is not None else f"Accuracy profile, {which}")
     return figure
 
 
@@ -246,8 +279,9 @@ def _draw_summary(ax, summary, scale, failed_below):
         # The curve first, so the methods' markers are drawn over it.
         errorbar(summary[GRID], fmt="-", marker=".", color="0.5", label=METHOD_LABELS[GRID])
     methods = [m for m in summary if m not in (GRID, SINGLE_TASK)]
+    colours = _COLOURS if len(methods) <= len(_COLOURS) else _many_colours()
     for index, method in enumerate(sorted(methods, key=_method_order)):
-        style = {"color": _COLOURS[index % len(_COLOURS)], "label": METHOD_LABELS.get(method, method)}
+        style = {"color": colours[index % len(colours)], "label": METHOD_LABELS.get(method, method)}
         marker = _MARKERS[index % len(_MARKERS)]
         mean = summary[method]["mean"]
         if failed_below is not None and min(mean) < failed_below:
@@ -261,6 +295,13 @@ def _draw_summary(ax, summary, scale, failed_below):
             [summary[SINGLE_TASK]], fmt="*", markersize=14, color="black",
             label=METHOD_LABELS[SINGLE_TASK],
         )
+
+
+def _many_colours():
+    """tab20's twenty colours, its ten hues first (each hue comes as a dark
+    and a light shade, adjacent in the map)."""
+    cmap = pyplot().get_cmap("tab20")
+    return [cmap(index) for index in list(range(0, 20, 2)) + list(range(1, 20, 2))]
 
 
 def _draw_references(ax, references):

@@ -51,15 +51,20 @@ def radar(
         missing = [task for task in tasks if task not in values]
         if missing:
             raise ValueError(f"Method {method!r} has no score for tasks {missing}.")
-    figure, ax = new_axes(ax, (7, 7), projection="polar")
+    figure, ax = new_axes(ax, (7, 7.5), projection="polar")
     angles = [2 * math.pi * i / len(tasks) for i in range(len(tasks))]
     scale = 100.0 if percent else 1.0
     for method, values in scores.items():
         radii = [scale * float(values[task]) for task in tasks]
         ax.plot(angles + angles[:1], radii + radii[:1], label=method)
     ax.set_xticks(angles)
-    ax.set_xticklabels(tasks, fontsize="x-small")
+    ax.set_xticklabels(tasks, fontsize="small" if len(tasks) <= 12 else "x-small")
+    if percent:
+        ax.yaxis.set_major_formatter("{x:g}%")
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize="small", loc="upper right", bbox_to_anchor=(1.25, 1.1))
+        ax.set_title(title, pad=18)  # above the task name at the top
+    # Below the chart, where the task names round the circle cannot cover
+    # it; constrained layout makes room for it inside the figure.
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08),
+              ncol=min(3, len(scores)))
     return figure

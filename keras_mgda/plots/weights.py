@@ -79,6 +79,7 @@ def task_weights(
         values = logs[f"{task}{SUFFIX}"]
         ax.plot(range(1, len(values) + 1), values, marker=".", label=task)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs, never 1.5
     ax.set_ylabel("task weight (epoch mean)")
     if title:
         ax.set_title(title)

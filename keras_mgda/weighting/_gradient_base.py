@@ -7,6 +7,8 @@ methods run on TensorFlow, JAX and PyTorch, inside `tf.function` (XLA too)
 and `jax.jit`, and on NumPy arrays in the eager torch step's host solve.
 """
 
+from typing import Literal
+
 import keras
 import numpy as np
 
@@ -117,7 +119,12 @@ class GradientWeighting(Weighting):
 
     requires_gram = True
 
-    def __init__(self, mode="representation", head_update="full", **kwargs):
+    def __init__(
+        self,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         check_choice("mode", mode, GRADIENT_SPACES)
         check_choice("head_update", head_update, HEAD_UPDATES)

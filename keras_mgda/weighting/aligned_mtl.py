@@ -1,6 +1,8 @@
 """Aligned-MTL (Senushkin et al., CVPR 2023): independent component
 alignment, from the eigendecomposition of the Gram matrix."""
 
+from typing import Literal
+
 import keras
 import numpy as np
 
@@ -67,7 +69,13 @@ class AlignedMTL(GradientWeighting):
     # (measured: 1.44x plain Keras at T=40 against 1.09x on torch calls).
     host_solvable = False
 
-    def __init__(self, scale_mode="min", mode="representation", head_update="full", **kwargs):
+    def __init__(
+        self,
+        scale_mode: Literal["min", "median", "rmse"] = "min",
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         check_choice("scale_mode", scale_mode, SCALE_MODES)
         self.scale_mode = scale_mode

@@ -19,6 +19,7 @@ import inspect
 import keras
 
 from keras_mgda import _keras
+from keras_mgda.types import WeightingLike
 
 __all__ = ["GRADIENT_SPACES", "Weighting", "by_name", "call_with_ops", "get", "per_task_values"]
 
@@ -255,7 +256,7 @@ class Weighting(keras.layers.Layer):
         return f"{type(self).__name__}({options})"
 
 
-def get(identifier):
+def get(identifier: WeightingLike):
     """Returns a `Weighting` from an instance, a name, a config dict or None.
 
     Args:

@@ -2,6 +2,7 @@
 written on the Gram matrix."""
 
 import collections
+from typing import Literal
 
 import keras
 import numpy as np
@@ -106,7 +107,14 @@ class CAGrad(GradientWeighting):
 
     host_solvable = True
 
-    def __init__(self, c=0.4, rescale=1, mode="representation", head_update="full", **kwargs):
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: Literal[0, 1, 2] = 1,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         if not c >= 0:
             raise ValueError(f"c must be >= 0, got {c!r}.")

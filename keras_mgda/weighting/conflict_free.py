@@ -1,6 +1,10 @@
 """ConFIG (Liu, Chu & Thuerey, ICLR 2025): conflict-free inverse gradients,
 written on the Gram matrix."""
 
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Literal
+
 import keras
 import numpy as np
 
@@ -78,7 +82,13 @@ class ConFIG(GradientWeighting):
     # starts OpenBLAS threads that compete with torch's for the step.
     host_solvable = False
 
-    def __init__(self, preferences=None, mode="representation", head_update="full", **kwargs):
+    def __init__(
+        self,
+        preferences: Sequence[float] | Mapping[str, float] | None = None,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.preferences = check_preferences(preferences)
         self._resolved = None

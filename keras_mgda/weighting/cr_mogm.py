@@ -3,6 +3,7 @@ weighting's task weights."""
 
 import keras
 
+from keras_mgda.types import WeightingLike
 from keras_mgda.weighting.base import Weighting
 from keras_mgda.weighting.base import call_with_ops
 from keras_mgda.weighting.base import get
@@ -60,7 +61,7 @@ class CRMOGM(Weighting):
     ```
     """
 
-    def __init__(self, weighting="mgda", alpha=0.9, **kwargs):
+    def __init__(self, weighting: WeightingLike = "mgda", alpha: float = 0.9, **kwargs):
         super().__init__(**kwargs)
         inner = get(weighting)
         if getattr(inner, "aggregates_gradients", False):

@@ -1,6 +1,8 @@
 """DB-MTL (Lin et al. 2023): dual balancing, log losses and balanced
 gradient magnitudes."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda.weighting._gradient_base import check_choice
@@ -90,7 +92,13 @@ class DBMTL(GradientState, GradientAggregator):
     """
 
     def __init__(
-        self, beta=0.9, beta_sigma=0.0, mode="representation", head_update="log", epsilon=1e-8, **kwargs
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["log", "full", "scaled"] = "log",
+        epsilon: float = 1e-8,
+        **kwargs,
     ):
         check_choice("head_update", head_update, HEAD_UPDATES)
         super().__init__(mode=mode, head_update="full", **kwargs)

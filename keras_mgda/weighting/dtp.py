@@ -1,5 +1,7 @@
 """Dynamic Task Prioritization (Guo, Haque, Huang, Yeung & Fei-Fei, ECCV 2018)."""
 
+from collections.abc import Mapping
+
 import keras
 from keras import ops
 
@@ -49,7 +51,14 @@ class DTP(Weighting):
     ```
     """
 
-    def __init__(self, gamma=1.0, smoothing=0.9, kpi=None, epsilon=1e-6, **kwargs):
+    def __init__(
+        self,
+        gamma: float = 1.0,
+        smoothing: float = 0.9,
+        kpi: Mapping[str, str] | None = None,
+        epsilon: float = 1e-6,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1); got {smoothing!r}.")

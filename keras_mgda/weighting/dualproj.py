@@ -1,6 +1,10 @@
 """DualProj (Quinton & Rey, 2024, torchjd): the mean gradient projected onto
 the dual cone of the task gradients."""
 
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Literal
+
 import keras
 
 from keras_mgda.weighting._gradient_base import GradientWeighting
@@ -65,7 +69,12 @@ class DualProj(GradientWeighting):
     host_solvable = True
 
     def __init__(
-        self, preferences=None, mode="representation", head_update="full", max_rounds=None, **kwargs
+        self,
+        preferences: Sequence[float] | Mapping[str, float] | None = None,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        max_rounds: int | None = None,
+        **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.preferences = check_preferences(preferences)

@@ -37,7 +37,7 @@ class DWA(Weighting):
     ```
     """
 
-    def __init__(self, temperature=2.0, epsilon=1e-8, **kwargs):
+    def __init__(self, temperature: float = 2.0, epsilon: float = 1e-8, **kwargs):
         super().__init__(**kwargs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0; got {temperature!r}.")

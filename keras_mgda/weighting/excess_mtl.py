@@ -1,6 +1,8 @@
 """ExcessMTL (He et al., ICML 2024): task weights driven by each
 task's estimated excess risk."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda.weighting._gradient_state import GradientState
@@ -67,7 +69,13 @@ class ExcessMTL(GradientState, GradientAggregator):
     ```
     """
 
-    def __init__(self, robust_step_size=1e-2, mode="parameters", head_update="scaled", **kwargs):
+    def __init__(
+        self,
+        robust_step_size: float = 1e-2,
+        mode: Literal["representation", "parameters"] = "parameters",
+        head_update: Literal["scaled", "full"] = "scaled",
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         if not 0 < robust_step_size < float("inf"):
             raise ValueError(f"robust_step_size must be finite and > 0, got {robust_step_size!r}.")

@@ -1,6 +1,8 @@
 """FairGrad (Ban & Ji, ICML 2024): alpha-fair resource allocation among the
 tasks, solved exactly on the Gram matrix."""
 
+from typing import Literal
+
 import keras
 import numpy as np
 
@@ -107,12 +109,12 @@ class FairGrad(GradientWeighting):
 
     def __init__(
         self,
-        alpha=1.0,
-        mode="representation",
-        head_update="full",
-        max_iters=50,
-        epsilon=1e-6,
-        weight_cap=100.0,
+        alpha: float = 1.0,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        max_iters: int = 50,
+        epsilon: float = 1e-6,
+        weight_cap: float | None = 100.0,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)

@@ -1,6 +1,9 @@
 """FAMO (Liu, Feng, Stone & Liu, NeurIPS 2023): weights learned from
 how fast each loss falls, with its own Adam on the logits."""
 
+from collections.abc import Mapping
+from collections.abc import Sequence
+
 import keras
 from keras import ops
 
@@ -82,7 +85,14 @@ class FAMO(AfterUpdateHook):
     ```
     """
 
-    def __init__(self, learning_rate=0.025, weight_decay=1e-3, min_losses=None, epsilon=1e-8, **kwargs):
+    def __init__(
+        self,
+        learning_rate: float = 0.025,
+        weight_decay: float = 1e-3,
+        min_losses: Sequence[float] | Mapping[str, float] | None = None,
+        epsilon: float = 1e-8,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not learning_rate >= 0 or not weight_decay >= 0:
             raise ValueError(

@@ -1,6 +1,10 @@
 """GradDrop (Chen et al., NeurIPS 2020): gradient sign dropout on the
 per-task gradients."""
 
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Literal
+
 import keras
 
 from keras_mgda.weighting.base import per_task_values
@@ -69,7 +73,14 @@ class GradDrop(GradientAggregator):
     ```
     """
 
-    def __init__(self, leak=0.0, mode="representation", head_update="full", seed=None, **kwargs):
+    def __init__(
+        self,
+        leak: float | Sequence[float] | Mapping[str, float] = 0.0,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.leak = _check_leak(leak)
         self.seed = seed

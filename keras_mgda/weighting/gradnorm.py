@@ -1,5 +1,7 @@
 """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018)."""
 
+from typing import Literal
+
 import keras
 from keras import ops
 
@@ -49,7 +51,13 @@ class GradNorm(Weighting):
 
     requires_gram = True
 
-    def __init__(self, alpha=1.5, mode="representation", epsilon=1e-8, **kwargs):
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        mode: Literal["representation", "parameters"] = "representation",
+        epsilon: float = 1e-8,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if mode not in GRADIENT_SPACES:
             raise ValueError(f"Unknown mode {mode!r}; use one of {GRADIENT_SPACES}.")

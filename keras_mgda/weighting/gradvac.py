@@ -1,6 +1,8 @@
 """GradVac (Wang, Tsvetkov, Firat & Cao, ICLR 2021): gradient vaccine,
 written on the Gram matrix."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import numerics as nx
@@ -79,7 +81,15 @@ class GradVac(GradientWeighting):
     ```
     """
 
-    def __init__(self, beta=0.5, mode="representation", head_update="full", seed=None, growth_cap=10.0, **kwargs):
+    def __init__(
+        self,
+        beta: float = 0.5,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        seed: int | None = None,
+        growth_cap: float | None = 10.0,
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         if growth_cap is not None and not 0 < growth_cap < float("inf"):
             raise ValueError(f"growth_cap must be finite and > 0, or None; got {growth_cap!r}.")

@@ -1,6 +1,8 @@
 """IMTL (Liu et al., ICLR 2021): impartial multi-task learning, IMTL-L's
 learned loss scales and IMTL-G's impartial gradient on the scaled losses."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import numerics as nx
@@ -58,7 +60,13 @@ class IMTL(GradientWeighting):
     ```
     """
 
-    def __init__(self, mode="representation", head_update="full", initial_log_scale=0.0, **kwargs):
+    def __init__(
+        self,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        initial_log_scale: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.initial_log_scale = float(initial_log_scale)
 

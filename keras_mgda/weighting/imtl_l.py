@@ -44,7 +44,7 @@ class IMTLL(Weighting):
     ```
     """
 
-    def __init__(self, initial_log_scale=0.0, **kwargs):
+    def __init__(self, initial_log_scale: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.initial_log_scale = float(initial_log_scale)
 

@@ -37,7 +37,7 @@ class LBTW(Weighting):
     ```
     """
 
-    def __init__(self, alpha=0.5, reset_each_epoch=True, epsilon=1e-8, **kwargs):
+    def __init__(self, alpha: float = 0.5, reset_each_epoch: bool = True, epsilon: float = 1e-8, **kwargs):
         super().__init__(**kwargs)
         self.alpha = float(alpha)
         self.reset_each_epoch = bool(reset_each_epoch)

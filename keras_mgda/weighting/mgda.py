@@ -1,6 +1,8 @@
 """MGDA (Sener & Koltun, NeurIPS 2018): the minimum-norm point of the convex
 hull of the per-task gradients."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import solvers
@@ -56,12 +58,12 @@ class MGDA(GradientWeighting):
 
     def __init__(
         self,
-        normalization="loss+",
-        mode="representation",
-        head_update="scaled",
-        max_iters=None,
-        tol=None,
-        epsilon=1e-12,
+        normalization: Literal["loss+", "l2", "loss", "none"] = "loss+",
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "scaled",
+        max_iters: int | None = None,
+        tol: float | None = None,
+        epsilon: float = 1e-12,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)

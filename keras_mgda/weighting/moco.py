@@ -1,6 +1,8 @@
 """MoCo (Fernando et al., ICLR 2023): multi-objective gradient correction
 with tracked per-task gradient estimates."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import numerics as nx
@@ -71,13 +73,13 @@ class MoCo(GradientState, GradientAggregator):
 
     def __init__(
         self,
-        beta=0.99,
-        gamma=0.1,
-        beta_decay=0.0,
-        gamma_decay=0.0,
-        rho=0.0,
-        mode="parameters",
-        head_update="full",
+        beta: float = 0.99,
+        gamma: float = 0.1,
+        beta_decay: float = 0.0,
+        gamma_decay: float = 0.0,
+        rho: float = 0.0,
+        mode: Literal["representation", "parameters"] = "parameters",
+        head_update: Literal["scaled", "full"] = "full",
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)

@@ -2,6 +2,7 @@
 tasks, solved on the Gram matrix."""
 
 import math
+from typing import Literal
 
 import keras
 import numpy as np
@@ -132,13 +133,13 @@ class NashMTL(GradientWeighting):
 
     def __init__(
         self,
-        max_norm=1.0,
-        mode="representation",
-        head_update="scaled",
-        max_iters=50,
-        epsilon=1e-6,
-        update_weights_every=1,
-        weight_cap=10.0,
+        max_norm: float = 1.0,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "scaled",
+        max_iters: int = 50,
+        epsilon: float = 1e-6,
+        update_weights_every: int = 1,
+        weight_cap: float | None = 10.0,
         **kwargs,
     ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)

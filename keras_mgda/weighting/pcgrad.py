@@ -1,6 +1,8 @@
 """PCGrad (Yu et al., NeurIPS 2020): gradient surgery, written on the Gram
 matrix."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda.weighting._gradient_base import GradientWeighting
@@ -53,7 +55,13 @@ class PCGrad(GradientWeighting):
     ```
     """
 
-    def __init__(self, mode="representation", head_update="full", seed=None, **kwargs):
+    def __init__(
+        self,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

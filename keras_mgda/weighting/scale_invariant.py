@@ -49,7 +49,7 @@ class ScaleInvariant(Weighting):
     ```
     """
 
-    def __init__(self, epsilon=1e-8, **kwargs):
+    def __init__(self, epsilon: float = 1e-8, **kwargs):
         super().__init__(**kwargs)
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0; got {epsilon!r}.")

@@ -1,6 +1,8 @@
 """SDMGrad (Xiao, Ban & Ji, NeurIPS 2023): direction-oriented MGDA, solved
 exactly on the Gram matrix."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import numerics as nx
@@ -73,7 +75,13 @@ class SDMGrad(GradientWeighting):
 
     host_solvable = True
 
-    def __init__(self, lambda_=0.3, mode="representation", head_update="full", **kwargs):
+    def __init__(
+        self,
+        lambda_: float = 0.3,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         if not lambda_ >= 0 or lambda_ == float("inf"):
             raise ValueError(f"lambda_ must be finite and >= 0, got {lambda_!r}.")

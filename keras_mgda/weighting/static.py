@@ -1,5 +1,8 @@
 """Static weighting: fixed task weights chosen by the user."""
 
+from collections.abc import Mapping
+from collections.abc import Sequence
+
 import keras
 
 from keras_mgda.weighting.base import Weighting
@@ -31,7 +34,7 @@ class Static(Weighting):
     ```
     """
 
-    def __init__(self, weights, **kwargs):
+    def __init__(self, weights: Sequence[float] | Mapping[str, float], **kwargs):
         super().__init__(**kwargs)
         listed = weights.values() if isinstance(weights, dict) else weights
         for value in listed:

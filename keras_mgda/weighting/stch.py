@@ -1,6 +1,9 @@
 """Smooth Tchebycheff scalarisation (Lin, Zhang, Yang, Liu, Wang & Zhang,
 ICML 2024)."""
 
+from collections.abc import Mapping
+from collections.abc import Sequence
+
 import keras
 from keras import ops
 
@@ -77,7 +80,15 @@ class STCH(Weighting):
     ```
     """
 
-    def __init__(self, mu=1.0, warmup_epochs=5, log_losses=True, preference=None, epsilon=1e-20, **kwargs):
+    def __init__(
+        self,
+        mu: float = 1.0,
+        warmup_epochs: int = 5,
+        log_losses: bool = True,
+        preference: Sequence[float] | Mapping[str, float] | None = None,
+        epsilon: float = 1e-20,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not mu > 0:
             raise ValueError(f"mu must be > 0; got {mu!r}.")

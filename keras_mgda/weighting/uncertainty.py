@@ -37,7 +37,7 @@ class Uncertainty(Weighting):
     ```
     """
 
-    def __init__(self, initial_log_variance=0.0, **kwargs):
+    def __init__(self, initial_log_variance: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.initial_log_variance = float(initial_log_variance)
 

@@ -1,6 +1,8 @@
 """UPGrad (Quinton & Rey, 2024): the mean of the task gradients, each
 projected onto the dual cone of all task gradients."""
 
+from typing import Literal
+
 import keras
 
 from keras_mgda import numerics as nx
@@ -59,7 +61,13 @@ class UPGrad(GradientWeighting):
 
     host_solvable = True
 
-    def __init__(self, mode="representation", head_update="full", max_rounds=None, **kwargs):
+    def __init__(
+        self,
+        mode: Literal["representation", "parameters"] = "representation",
+        head_update: Literal["scaled", "full"] = "full",
+        max_rounds: int | None = None,
+        **kwargs,
+    ):
         super().__init__(mode=mode, head_update=head_update, **kwargs)
         self.max_rounds = max_rounds
 
