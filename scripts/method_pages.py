@@ -154,7 +154,9 @@ def _weighting_class(name):
 
 def defaults_block(method):
     """The constructor's options, their types and defaults, from the code."""
-    signature = inspect.signature(_weighting_class(method.cls))
+    # From `__init__`, not the class: Python 3.10 reads the class's signature
+    # from keras.layers.Layer.__new__ when `__init__` is inherited.
+    signature = inspect.signature(_weighting_class(method.cls).__init__)
     lines = [
         f"`keras_mgda.weighting.{method.cls}(...)`, or `weighting=\"{method.key}\"`.",
         "",
@@ -162,7 +164,7 @@ def defaults_block(method):
         "|---|---|---|",
     ]
     for parameter in signature.parameters.values():
-        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+        if parameter.name == "self" or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
             continue
         kind = inspect.formatannotation(parameter.annotation).replace("|", "\\|")
         default = "required" if parameter.default is parameter.empty else f"`{parameter.default!r}`"

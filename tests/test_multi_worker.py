@@ -32,6 +32,19 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 JOB_TIMEOUT = 300
 
 
+def _torchrun_rendezvous(port):
+    """torchrun's rendezvous options that survive a restart: c10d with its
+    store kept apart from the workers' (see `_run_job`) from torch 2.5 on
+    (the static rendezvous failed 2 of 3 restarts on torch 2.13); the static
+    one before (torch 2.3's c10d rendezvous closes on the first failure:
+    RendezvousClosedError)."""
+    import torch
+
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5):
+        return ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    return ["--master-addr=127.0.0.1", f"--master-port={port}"]
+
+
 def _run_job(tmp_path, world, scenario, *options, torchrun=(), wait=None):
     """Starts `world` workers of `scenario` (under `torchrun` with these
     options when given); returns the exit statuses of the processes waited
@@ -43,7 +56,7 @@ def _run_job(tmp_path, world, scenario, *options, torchrun=(), wait=None):
     with Job(tmp_path) as job:
         if torchrun:
             launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{ports[0]}", *torchrun]
+                        *_torchrun_rendezvous(ports[0]), *torchrun]
             # A store shared between torchrun's rendezvous and the workers
             # can hand a restarted round the dead round's gloo addresses
             # ("connection refused", pytorch/pytorch#135712).
@@ -238,7 +251,9 @@ def test_torchrun_restarts_after_a_process_dies_and_resumes(tmp_path):
     die_at = (1, 0)
     codes, job = _run_job(tmp_path, 2, "resume", "--die-at", "1,0", torchrun=["--max-restarts=1"])
     assert codes == [0], job.output()
-    assert f"exitcode: {job_lib.DIED}" in job.output(tail=100_000)  # the agent saw the death
+    # The agent saw a process fail: the one that died (exit status DIED) or,
+    # reported first, a survivor whose collective it broke.
+    assert "failed (exitcode:" in job.output(tail=100_000)
     check_resumed(tmp_path, 2, die_at)
 
 
