@@ -22,8 +22,8 @@ CAUSES = [
     (r"^tests\.pareto\.test_(minres|hypervolume)$", "Pareto maths"),
     (r"^tests\.pareto\.", "Pareto (Hessian-vector products, walks)"),
     (r"^tests\.test_(datasets|metrics)$", "data and metrics"),
-    (r"^tests\.test_(docs|plots|benchmark_multi_mnist)$", "docs, plots, scripts"),
-    (r"^tests\.test_(cross_backend|multi_device|multi_worker|torch_distributed)$", "processes and devices"),
+    (r"^tests\.test_(docs|site|method_pages|plots|benchmark_multi_mnist)$", "docs, plots, scripts"),
+    (r"^tests\.test_(cross_backend|multi_device|multi_worker|torch_distributed|resume)$", "processes and devices"),
     (r".", "fit: trace/compile and train"),
 ]
 
