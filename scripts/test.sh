@@ -17,6 +17,11 @@ timed() {  # timed LABEL COMMAND...: runs it, records its wall time
   timings="$timings$(printf '%-28s %5d s' "$label" $((SECONDS - begin)))\n"
 }
 status=0
+# JAX's compilation cache, shared by this run's test processes and removed
+# at the end (tests/conftest.py), so every run compiles from scratch once.
+KERAS_MGDA_TEST_JAX_CACHE=$(mktemp -d)
+export KERAS_MGDA_TEST_JAX_CACHE
+trap 'rm -rf "$KERAS_MGDA_TEST_JAX_CACHE"' EXIT
 # torch==2.13.0 is the CPU build; a plain `torch` requirement would pull a
 # multi-GB CUDA build onto machines without a GPU.
 timed "install" python -m pip install --quiet -e ".[tensorflow,jax,test]" "torch==2.13.0"

@@ -26,6 +26,29 @@ from shared_data import require_mnist  # noqa: E402
 MATH_BACKEND = "torch"
 
 
+def _share_jax_compilations():
+    """JAX's persistent compilation cache, shared by the test processes of
+    a run: the suite compiles the same tiny models' steps again and again
+    (one per parametrised case), and a cached executable loads in
+    milliseconds. Keyed by the program, the flags and the JAX version, so a
+    hit runs exactly what a compilation would have produced."""
+    if keras.backend.backend() != "jax":
+        return
+    import tempfile
+
+    import jax
+
+    directory = os.environ.get(
+        "KERAS_MGDA_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"keras_mgda_test_jax_cache_{os.getuid()}")
+    )
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_share_jax_compilations()
+
+
 def _runs_here(item):
     return not item.get_closest_marker("one_backend") or item.get_closest_marker("all_backends")
 

@@ -9,6 +9,12 @@ one worker's rows is skipped, or raised, by every worker alike; a worker
 that dies makes the others fail (no hang), and restarting the job with
 `BackupAndRestore` ends where an uninterrupted run ends. Each test runs on
 its engine's backend only.
+
+Each job starts three to six engines, a minute or more on two cores, so
+they are `slow` except torch's two processes under torchrun: CI runs them
+once per backend after the default run (.ci/run). The default run keeps
+several devices in one process (test_multi_device.py) on every backend and
+two gloo processes (test_torch_distributed.py).
 """
 
 import json
@@ -182,11 +188,13 @@ tensorflow_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="MultiWorke
 
 
 @tensorflow_only
+@pytest.mark.slow
 def test_tensorflow_two_workers_match_one_process(tmp_path):
     check_train(tmp_path, 2, ["arrays", "tf.data", "PyDataset"])
 
 
 @tensorflow_only
+@pytest.mark.slow
 def test_tensorflow_resume_after_a_worker_dies(tmp_path):
     # The coordination service's heartbeat fails the survivor.
     check_resume(tmp_path, 2, message="UnavailableError")
@@ -216,6 +224,7 @@ jax_only = pytest.mark.skipif(BACKEND != "jax", reason="jax.distributed: jax bac
 
 
 @jax_only
+@pytest.mark.slow
 def test_jax_two_processes_match_one_process(tmp_path):
     check_train(tmp_path, 2, ["tf.data", "arrays"])
 
@@ -245,6 +254,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 @torch_only
+@pytest.mark.slow
 def test_torchrun_restarts_after_a_process_dies_and_resumes(tmp_path):
     """torchrun's agent ends the survivors when a process dies and, with
     `--max-restarts`, starts the job again: `BackupAndRestore` resumes it."""
@@ -265,11 +275,13 @@ def test_torch_resume_after_a_process_dies(tmp_path):
 
 
 @torch_only
+@pytest.mark.slow
 def test_torch_collective_with_a_stuck_process_times_out(tmp_path):
     check_stuck(tmp_path, 2, timeout=10, message="Timed out")
 
 
 @torch_only
+@pytest.mark.slow
 def test_torchrun_example(tmp_path):
     check_example(tmp_path)
 

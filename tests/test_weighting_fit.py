@@ -87,9 +87,10 @@ def test_method_trains_and_resumes_from_a_checkpoint_bitwise(name, tmp_path):
     """Four epochs of `fit` with `ModelCheckpoint` after every epoch: the
     method logs finite weights, lowers the losses and skips no step; the
     model loaded from the epoch-2 checkpoint is the same method with the
-    same config, and training it two more epochs ends bitwise where the
-    uninterrupted run did, on every backend: weights, the optimizer's
-    slots, the weighting's state and its random draws all resume."""
+    same config, and (for MGDA and every method with state) training it
+    two more epochs ends bitwise where the uninterrupted run did, on every
+    backend: weights, the optimizer's slots, the weighting's state and its
+    random draws all resume."""
     x, y = _data(128)
     model = _model(MAKERS[name]())
     checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch_{epoch}.keras"))
@@ -104,6 +105,11 @@ def test_method_trains_and_resumes_from_a_checkpoint_bitwise(name, tmp_path):
     resumed = keras.models.load_model(str(tmp_path / "epoch_2.keras"))
     assert type(resumed.weighting) is type(model.weighting)
     assert resumed.weighting.get_config() == model.weighting.get_config()
+    if not model.weighting.variables and name != "MGDA":
+        # No state of its own: what resumes (weights, optimizer slots) is
+        # the model's, checked once, with MGDA. Skipping the second compile
+        # halves the test on TensorFlow and JAX.
+        return
     resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=32, shuffle=False, verbose=0)
     expected, got = model.get_weights(), resumed.get_weights()
     assert len(expected) == len(got)
