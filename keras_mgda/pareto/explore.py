@@ -166,22 +166,11 @@ def explore(
     """
     started = time.perf_counter()
     options = _options(
-        steps=steps, step_size=step_size, correction_steps=correction_steps,
-        correction_step_size=correction_step_size, minres_iters=minres_iters, tol=tol, damping=damping,
-        max_damping=max_damping, min_descent=min_descent, batch_size=batch_size, solver=solver,
-        sample_batches=sample_batches, seed=seed, verbose=verbose,
+        steps=steps, step_size=step_size, correction_steps=correction_steps, correction_step_size=correction_step_size,
+        minres_iters=minres_iters, tol=tol, damping=damping, max_damping=max_damping, min_descent=min_descent,
+        batch_size=batch_size, solver=solver, sample_batches=sample_batches, seed=seed, verbose=verbose,
     )
-    _checks.check_options(options)
-    if hasattr(x, "as_numpy_iterator") and batch_size is not None:
-        raise ValueError("batch_size applies to arrays; a tf.data.Dataset keeps its own batches: pass batch_size=None.")
-    data = _data.as_data(x, y, batch_size)
-    _checks.check_sample_batches(sample_batches, len(data.batches), batch_size)
-    plan = model.step_plan_for(tuple(data.batches[0]))
-    if plan.num_tasks < 2:
-        raise ValueError("Pareto exploration needs at least two tasks (outputs compiled with a loss).")
-    betas = _checks.directions_array(directions, plan.task_names)
-    variables = _variables(model, trainable)
-    _checks.check_weights(variables)
+    data, plan, betas, variables = _checked_inputs(model, x, y, directions, trainable, options)
     snapshot = _snapshot(model)
     try:
         front = _explore(model, data, plan, betas, variables, options)
@@ -189,6 +178,24 @@ def explore(
         _restore(snapshot)
     front.cost["seconds"] = time.perf_counter() - started
     return front
+
+
+def _checked_inputs(model, x, y, directions, trainable, options):
+    """explore's arguments checked before anything runs: the data, the
+    model's step plan, the directions and the variables that move."""
+    _checks.check_options(options)
+    batch_size = options["batch_size"]
+    if hasattr(x, "as_numpy_iterator") and batch_size is not None:
+        raise ValueError("batch_size applies to arrays; a tf.data.Dataset keeps its own batches: pass batch_size=None.")
+    data = _data.as_data(x, y, batch_size)
+    _checks.check_sample_batches(options["sample_batches"], len(data.batches), batch_size)
+    plan = model.step_plan_for(tuple(data.batches[0]))
+    if plan.num_tasks < 2:
+        raise ValueError("Pareto exploration needs at least two tasks (outputs compiled with a loss).")
+    betas = _checks.directions_array(directions, plan.task_names)
+    variables = _variables(model, trainable)
+    _checks.check_weights(variables)
+    return data, plan, betas, variables
 
 
 def _explore(model, data, plan, betas, variables, options):

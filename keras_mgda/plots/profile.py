@@ -198,6 +198,16 @@ def accuracy_profile(
     ```
     """
     plt = pyplot()
+    summary = _checked_summary(results, tasks, selection)
+    panels = method_panels([m for m in summary if m not in (GRID, SINGLE_TASK)], groups) if ax is None else {}
+    if len(panels) > 1:
+        return _small_multiples(plt, summary, panels, tasks, selection, percent, references, title, failed_below)
+    return _one_panel(plt, ax, summary, tasks, selection, percent, references, title, failed_below)
+
+
+def _checked_summary(results, tasks, selection):
+    """`summarize`'s per-method summary, with a clear error where there is
+    nothing to plot."""
     if len(tasks) != 2:
         raise ValueError(f"accuracy_profile plots two tasks; received tasks={tasks!r}.")
     summary = summarize(results, tasks, selection)
@@ -206,9 +216,11 @@ def accuracy_profile(
             f"No run has {tasks[0]!r} and {tasks[1]!r} accuracies for selection "
             f"{selection!r}; pass the benchmark's runs."
         )
-    panels = method_panels([m for m in summary if m not in (GRID, SINGLE_TASK)], groups) if ax is None else {}
-    if len(panels) > 1:
-        return _small_multiples(plt, summary, panels, tasks, selection, percent, references, title, failed_below)
+    return summary
+
+
+def _one_panel(plt, ax, summary, tasks, selection, percent, references, title, failed_below):
+    """Every method in one axes (`ax`, or a new figure's)."""
     many = len(summary) + len(references or {}) > _LEGEND_INSIDE_MAX
     if ax is None:
         # Room on the right for a legend of many methods.
