@@ -19,34 +19,33 @@ _FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pas
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_XLA}".strip()
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
-from shared_data import require_mnist  # noqa: E402
-
 MATH_BACKEND = "torch"
 
 
 def _share_jax_compilations():
     """JAX's persistent compilation cache, shared by the test processes of
-    a run: the suite compiles the same tiny models' steps again and again
-    (one per parametrised case), and a cached executable loads in
+    a run and by the processes they start (a resumed run, several devices,
+    several workers): the suite compiles the same tiny models' steps again
+    and again (one per parametrised case), and a cached executable loads in
     milliseconds. Keyed by the program, the flags and the JAX version, so a
-    hit runs exactly what a compilation would have produced."""
-    if keras.backend.backend() != "jax":
-        return
+    hit runs exactly what a compilation would have produced. Set through
+    the environment (JAX reads it when it starts), so that child processes
+    inherit it."""
     import tempfile
-
-    import jax
 
     directory = os.environ.get(
         "KERAS_MGDA_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"keras_mgda_test_jax_cache_{os.getuid()}")
     )
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", directory)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 _share_jax_compilations()
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+from shared_data import require_mnist  # noqa: E402
 
 
 def _runs_here(item):
