@@ -95,6 +95,17 @@ def matvec(matrix: Tensor, vector: Tensor, *, ops: Ops) -> Tensor:
     return ops.sum(matrix * vector[..., None, :], axis=-1)
 
 
+def diagonal_matrix(vector: Tensor, *, ops: Ops) -> Tensor:
+    """(T,) -> (T, T) with `vector` on the diagonal, zeros elsewhere (also
+    where an entry is infinite).
+
+    Not `ops.diag`: Keras's TensorFlow `diag` up to 3.12 wraps it in a
+    `tf.cond` on the vector's size, which XLA cannot follow into a solve.
+    """
+    eye = ops.eye(vector.shape[-1], dtype=vector.dtype)
+    return ops.where(eye > 0, vector[None, :], ops.zeros_like(eye))
+
+
 def dot(x: Tensor, y: Tensor, *, ops: Ops) -> Tensor:
     """Inner product along the last axis."""
     return ops.sum(x * y, axis=-1)

@@ -172,7 +172,7 @@ class _Objective:
         ops = self.ops
         barrier = self.coeff * ops.power(b, self.power)
         grad = nx.matvec(self.corr, b, ops=ops) - barrier
-        hessian = self.corr + ops.diag(barrier / (self.alpha * b))
+        hessian = self.corr + nx.diagonal_matrix(barrier / (self.alpha * b), ops=ops)
         direction = -ops.solve(hessian, grad)
         return direction, -ops.sum(grad * direction)
 

@@ -94,7 +94,7 @@ def impartial_weights(gram):
     exact = ops.concatenate([rows, column], axis=1)
     # Ridge on the beta block only (relative: C has a unit diagonal).
     ridge = ops.concatenate([active_f * RIDGE, ops.zeros((1,), dtype=dtype)])
-    ridged = exact + ops.diag(ridge)
+    ridged = exact + nx.diagonal_matrix(ridge, ops=ops)
     rhs = ops.concatenate([ops.zeros((num_tasks,), dtype=dtype), ops.reshape(smallest, (1,))])
     solution = ops.solve(ridged, rhs)
     for _ in range(REFINEMENTS):

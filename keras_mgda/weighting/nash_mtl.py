@@ -239,7 +239,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6, cap=None):
     def newton(beta):
         # matvec, not ops.matmul: Keras's torch matmul computes float64 in float32.
         grad = nx.matvec(corr, beta, ops=ops) - 1.0 / beta
-        hessian = corr + ops.diag(1.0 / ops.square(beta))
+        hessian = corr + nx.diagonal_matrix(1.0 / ops.square(beta), ops=ops)
         direction = -ops.solve(hessian, grad)
         decrement = -ops.sum(grad * direction)
         return direction, decrement
