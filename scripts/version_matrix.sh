@@ -18,7 +18,7 @@ TEST_TOOLS=(pytest hypothesis scipy)
 
 ROWS=(
   # The floors pyproject.toml declares (scripts/test_min_versions.sh).
-  "3.10 3.10.0 1.26.0 0.5.0 2.3.0 - torch jax"
+  "3.10 3.10.0 1.26.0 0.6.1 2.3.0 - torch jax"
   "3.10 3.10.0 1.26.0 - - 2.16.2 tensorflow"
   # Every Keras minor release on Python 3.11 with the newest backends.
   "3.11 3.10.* 2.4.6 0.10.2 2.13.0 2.21.0 torch jax tensorflow"
