@@ -98,6 +98,13 @@ class GramInput:
         corr = self.unit / norms[:, None] / norms[None, :]
         return ops.where(pair, corr, ops.eye(self.num_tasks, dtype=self.dtype))
 
+    def ridged_correlation(self, epsilon):
+        """`correlation()` plus max(epsilon, eps) on the active tasks'
+        diagonal: the regular system Nash-MTL's and FairGrad's Newton steps
+        solve."""
+        ridge = self.ops.where(self.active, self.const(max(epsilon, self.eps)), 0.0)
+        return self.correlation() + nx.diagonal_matrix(ridge, ops=self.ops)
+
     def finish(self, weights):
         """NaN weights for non-finite input, in the input's compute dtype."""
         return self.ops.where(self.finite, weights, np.nan)

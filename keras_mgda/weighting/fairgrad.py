@@ -151,9 +151,7 @@ class _Objective:
         ops = gram.ops
         self.ops, self.gram, self.alpha = ops, gram, alpha
         self.power = gram.const(-1.0 / alpha)
-        corr = gram.correlation()  # identity rows for inactive tasks
-        eye = ops.eye(gram.num_tasks, dtype=gram.dtype)
-        self.corr = corr + eye * ops.where(gram.active, gram.const(max(epsilon, gram.eps)), 0.0)
+        self.corr = gram.ridged_correlation(epsilon)  # identity rows for inactive tasks
         # Inactive tasks: c = 1, so b = 1 there (dropped at the end).
         self.coeff = ops.where(gram.active, ops.power(gram.norms(), gram.const(1.0 / alpha - 1.0)), 1.0)
 

@@ -227,9 +227,7 @@ def bargaining_weights(gram, max_iters=50, epsilon=1e-6, cap=None):
     num_tasks = gram.num_tasks
     dtype = gram.dtype
     eps = gram.eps
-    corr = gram.correlation()  # identity rows for inactive tasks: beta_t = 1
-    eye = ops.eye(num_tasks, dtype=dtype)
-    corr = corr + eye * ops.where(gram.active, gram.const(max(epsilon, gram.eps)), 0.0)
+    corr = gram.ridged_correlation(epsilon)  # identity rows for inactive tasks: beta_t = 1
     abs_corr = ops.abs(corr)
     steps = ops.power(gram.const(0.5), ops.arange(LINE_SEARCH_STEPS, dtype=dtype))
 
