@@ -8,10 +8,11 @@ test). The backend comes from KERAS_BACKEND.
 
 Compile time: the first `fit` call (two steps, in a fresh model) minus
 two steady steps, the latency of tracing and compiling the train step;
-`compile_ratio` compares ours with plain Keras's. On TensorFlow our model
-builds its losses and optimizer before the first trace (Keras builds them
-inside it); `--eager-build` builds plain Keras's the same way, for a
-like-for-like ratio of the tracing alone.
+`compile_ratio` compares ours with plain Keras's, and `compile_cpu_ratio`
+the same in process CPU time (all threads), steadier on a shared machine.
+On TensorFlow our model builds its losses and optimizer before the first
+trace (Keras builds them inside it); `--eager-build` builds plain Keras's
+the same way, for a like-for-like ratio of the tracing alone.
 
 Usage:
     KERAS_BACKEND=tensorflow python benchmarks/step_time.py --tasks 2 40
@@ -97,10 +98,10 @@ def _compile(model, num_tasks, jit_compile, model_name="lenet"):
     )
 
 
-def _epoch_time(model, x, y, batch_size):
-    start = time.perf_counter()
+def _epoch_time(model, x, y, batch_size, clock=time.perf_counter):
+    start = clock()
     model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _warm_up_backend(model_name):
@@ -117,13 +118,13 @@ def _warm_up_backend(model_name):
 def _first_fit_time(model, x, y, batch_size, eager_build):
     """The first `fit`, on two batches; with `eager_build`, the model's
     losses and optimizer are built from the first batch beforehand, inside
-    the timed window."""
-    start = time.perf_counter()
+    the timed window. Returns wall and process CPU seconds."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     if eager_build:
         _keras.symbolic_build(model, (x[:batch_size], {k: v[:batch_size] for k, v in y.items()}))
-    build_seconds = time.perf_counter() - start
     two_batches = {k: v[: 2 * batch_size] for k, v in y.items()}
-    return build_seconds + _epoch_time(model, x[: 2 * batch_size], two_batches, batch_size)
+    _epoch_time(model, x[: 2 * batch_size], two_batches, batch_size)
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def measure(
@@ -153,8 +154,13 @@ def measure(
         times["keras"].append(_epoch_time(plain, x, y, batch_size) / steps)
         times[method].append(_epoch_time(ours, x, y, batch_size) / steps)
     best_plain, best_ours = min(times["keras"]), min(times[method])
-    compile_plain = first["keras"] - 2 * best_plain
-    compile_ours = first[method] - 2 * best_ours
+    # CPU time (all threads) of the first fit beyond two steady steps: what
+    # tracing and compiling cost, steadier than wall time on a shared machine.
+    step_cpu = {name: _epoch_time(model, x, y, batch_size, time.process_time) / steps
+                for name, model in (("keras", plain), (method, ours))}
+    compile_plain = first["keras"][0] - 2 * best_plain
+    compile_ours = first[method][0] - 2 * best_ours
+    compile_cpu = {name: first[name][1] - 2 * step_cpu[name] for name in first}
     return {
         "backend": keras.backend.backend(),
         "model": model_name,
@@ -172,6 +178,9 @@ def measure(
         "keras_compile_s": round(compile_plain, 3),
         f"{method}_compile_s": round(compile_ours, 3),
         "compile_ratio": round(compile_ours / compile_plain, 3),
+        "keras_compile_cpu_s": round(compile_cpu["keras"], 3),
+        f"{method}_compile_cpu_s": round(compile_cpu[method], 3),
+        "compile_cpu_ratio": round(compile_cpu[method] / compile_cpu["keras"], 3),
     }
 
 
