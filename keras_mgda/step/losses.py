@@ -52,28 +52,34 @@ class RecordingLoss:
 
     def __call__(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         self.sink[diagnosis.data_key(self.index)] = (y_true, y_pred, sample_weight)
-        y_true, out_of_range = self._checked_labels(y_true, y_pred)
+        y_true, y_pred = self._checked_labels(y_true, y_pred)
         try:
             value = self.loss_fn(y_true, y_pred, sample_weight)
         except Exception as error:
             setattr(error, diagnosis.TASK_ATTRIBUTE, self.index)
             raise
-        if out_of_range is not None:
-            value = keras.ops.where(out_of_range, keras.ops.cast(float("nan"), value.dtype), value)
         self.sink[self.index] = value
         return value
 
-    def _checked_labels(self, y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _checked_labels(self, y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
         """For a sparse categorical cross-entropy: the labels with those out
-        of range replaced by 0, and whether there were any; else the labels
-        as they are and None."""
+        of range replaced by 0, and the prediction NaN for the examples
+        that had them, so that the loss is NaN. Elementwise only: XLA fuses
+        it into the loss, where a reduction per task would be a kernel of
+        its own. Any other loss: both as they are."""
         options = _sparse_crossentropy_options(self.loss_fn)
         if options is None or getattr(y_pred, "shape", None) is None:
-            return y_true, None
-        classes, ignore_class = y_pred.shape[options.get("axis", -1)], options.get("ignore_class")
+            return y_true, y_pred
+        axis = options.get("axis", -1)
+        classes, ignore_class = y_pred.shape[axis], options.get("ignore_class")
         self.sink[diagnosis.labels_key(self.index)] = (classes, ignore_class)
-        valid, out_of_range = diagnosis.labels_out_of_range(y_true, classes, ignore_class)
-        return keras.ops.where(valid, y_true, keras.ops.zeros_like(y_true)), out_of_range
+        valid = diagnosis.labels_out_of_range(y_true, classes, ignore_class)[0]
+        per_example = valid
+        if len(valid.shape) == len(y_pred.shape) - 1:
+            per_example = keras.ops.expand_dims(valid, axis)
+        nan = keras.ops.cast(float("nan"), y_pred.dtype)
+        poison = keras.ops.where(per_example, keras.ops.zeros_like(nan), nan)
+        return keras.ops.where(valid, y_true, keras.ops.zeros_like(y_true)), y_pred + poison
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loss_fn, name)
