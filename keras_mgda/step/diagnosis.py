@@ -23,6 +23,7 @@ only by a bad step and record its answer beside the non-finite flag; the
 eager torch step and the exception paths run it on the host.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -92,16 +93,76 @@ def _non_finite(value: Any, ops: Ops) -> Tensor | bool:
     return ops.logical_not(ops.all(ops.isfinite(value)))
 
 
-def _data_cause(recorded: dict, index: int, ops: Ops) -> Tensor:
-    """The cause code of a task's target, labels or sample weights (0:
-    nothing found)."""
-    y_true, _, sample_weight = recorded.get(data_key(index), (None, None, None))
-    code = ops.where(_non_finite(sample_weight, ops), SAMPLE_WEIGHT, 0)
-    code = ops.where(_non_finite(y_true, ops), TARGET, code)
-    labels = recorded.get(labels_key(index))
-    if labels is not None and y_true is not None:
-        code = ops.where(labels_out_of_range(y_true, *labels, ops=ops)[1], LABELS, code)
-    return ops.cast(code, "int32")
+def _batchable_shape(value: Any) -> tuple | None:
+    """The static shape of `value` when it is known past the batch axis
+    (the tasks' values share the batch's size), else None."""
+    shape = tuple(getattr(value, "shape", None) or ())
+    if not shape or any(dim is None for dim in shape[1:]):
+        return None
+    return shape
+
+
+def _flags_each(values: list, check: Callable, keys: list, ops: Ops) -> Tensor:
+    """(len(values),) bool: `check` of each value (False for None), run once
+    per group of values with the same shape, dtype and key, stacked: one
+    reduction per group where one per value would be a kernel of its own
+    in a compiled step.
+
+    Args:
+        values: tensors or None.
+        check: maps a stacked (k, ...) group (and its key) to (k,) bools.
+        keys: a hashable per value: only values with equal keys share a
+            check (the label range of each task's loss).
+        ops: the array namespace.
+    """
+    groups = {}
+    for index, value in enumerate(values):
+        if value is not None:
+            shape = _batchable_shape(value)
+            group = (shape, str(value.dtype), keys[index]) if shape is not None else ("alone", index)
+            groups.setdefault(group, []).append(index)
+    order, parts = [], []
+    for members in groups.values():
+        key = keys[members[0]]
+        parts.append(check(ops.stack([values[i] for i in members]), key))
+        order += members
+    missing = [i for i in range(len(values)) if i not in set(order)]
+    parts.append(ops.zeros((len(missing),), "bool"))
+    position = np.argsort(np.array(order + missing, "int32")).astype("int32")
+    return ops.take(ops.concatenate([ops.cast(part, "bool") for part in parts]), position)
+
+
+def _non_finite_each(values: list, ops: Ops) -> Tensor:
+    """Which float values hold NaN or Inf ((len(values),) bool)."""
+    floats = [v if v is not None and "float" in str(getattr(v, "dtype", "float")) else None for v in values]
+
+    def check(stacked, _):
+        axes = tuple(range(1, len(stacked.shape)))
+        return ops.logical_not(ops.all(ops.isfinite(stacked), axis=axes)) if axes else ~ops.isfinite(stacked)
+
+    return _flags_each(floats, check, [None] * len(values), ops)
+
+
+def _data_causes(recorded: dict, num_tasks: int, ops: Ops) -> Tensor:
+    """(T,) int32: the cause code of each task's target, labels or sample
+    weights (0: nothing found); labels come first, then the target, then
+    the sample weights."""
+    data = [recorded.get(data_key(i), (None, None, None)) for i in range(num_tasks)]
+    labels = [recorded.get(labels_key(i)) for i in range(num_tasks)]
+    targets = [d[0] for d in data]
+    sample_weights = _non_finite_each([d[2] for d in data], ops)
+    targets_bad = _non_finite_each(targets, ops)
+
+    def check(stacked, key):
+        axes = tuple(range(1, len(stacked.shape)))
+        valid = labels_out_of_range(stacked, *key, ops=ops)[0]
+        return ops.logical_not(ops.all(valid, axis=axes)) if axes else ops.logical_not(valid)
+
+    with_labels = [t if key is not None else None for t, key in zip(targets, labels, strict=True)]
+    labels_bad = _flags_each(with_labels, check, labels, ops)
+    code = ops.where(sample_weights, SAMPLE_WEIGHT, 0)
+    code = ops.where(targets_bad, TARGET, code)
+    return ops.cast(ops.where(labels_bad, LABELS, code), "int32")
 
 
 def _first(codes: Tensor, ops: Ops) -> tuple[Tensor, Tensor]:
@@ -135,10 +196,10 @@ def diagnose(
     """
     if predictions is None:
         predictions = [recorded.get(data_key(i), (None, None, None))[1] for i in range(num_tasks)]
-    data_codes = ops.stack([_data_cause(recorded, i, ops) for i in range(num_tasks)])
+    data_codes = _data_causes(recorded, num_tasks, ops)
     data_found, data_task = _first(data_codes, ops)
     data_code = ops.take(data_codes, data_task)
-    prediction_codes = ops.stack([ops.cast(_non_finite(p, ops), "int32") for p in predictions])
+    prediction_codes = ops.cast(_non_finite_each(list(predictions), ops), "int32")
     prediction_found, prediction_task = _first(prediction_codes, ops)
     inputs_bad = ops.convert_to_tensor(False)
     for value in keras.tree.flatten(inputs):
