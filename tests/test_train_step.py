@@ -318,6 +318,64 @@ def test_torch_solves_stateless_weightings_on_the_host(monkeypatch):
     assert Inheriting.seen is torch.Tensor
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX step paths")
+def test_jax_solves_stateless_weightings_on_the_host_on_cpu(monkeypatch):
+    """On CPU the JAX step hands a `host_solvable` weighting without state
+    (three tasks or more) to NumPy through a callback, where XLA would
+    compile the solver's loops into the step; every weight must move as
+    with the solve compiled in. A weighting with state stays in the step."""
+    import jax
+
+    x, y = _data()
+    results = []
+    for on_host in (True, False):
+        _RecordingMGDA.seen = []
+        if not on_host:
+            monkeypatch.setattr(
+                km.weighting.Weighting, "solvable_on_host", property(lambda weighting: False)
+            )
+        model = _build(_RecordingMGDA())
+        logs = model.train_on_batch(x, y, return_dict=True)
+        if on_host:
+            assert _RecordingMGDA.seen == [np.ndarray]  # called once, at run time
+        else:
+            assert len(_RecordingMGDA.seen) == 1 and issubclass(_RecordingMGDA.seen[0], jax.core.Tracer)
+        results.append((logs, _weights(model)))
+    (logs_host, host), (logs_jit, in_step) = results
+    for k in "abc":
+        np.testing.assert_allclose(logs_host[f"{k}_alpha"], logs_jit[f"{k}_alpha"], rtol=1e-5)
+    for name in host:
+        np.testing.assert_allclose(host[name], in_step[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+    monkeypatch.undo()
+    _StatefulMGDA.seen = []
+    _build(_StatefulMGDA()).train_on_batch(x, y)
+    assert len(_StatefulMGDA.seen) == 1 and issubclass(_StatefulMGDA.seen[0], jax.core.Tracer)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX step paths")
+def test_jax_finiteness_bound_refuses_every_non_finite_update():
+    """The JAX step decides finiteness from a bound on the gradients (their
+    parts' largest entries, the heads' times the largest head weight), not
+    from the weighted sums: it must refuse every step whose sums would hold
+    NaN or Inf, an overflowing product included."""
+    from keras_mgda.backend import jax as jax_step
+
+    def finite(encoder, heads, weights):
+        parts = [([0, 1], [np.asarray(encoder, "float32"), None])]
+        head_parts = [([2 + t], [np.asarray(h, "float32")]) for t, h in enumerate(heads)]
+        return bool(jax_step._bounded(parts, head_parts, [np.float32(w) for w in weights]))
+
+    heads = [[1e30, -2.0], [1.0, 3.0]]
+    assert finite([1.0, 2.0], heads, [1.0, 0.5])
+    assert not finite([1.0, 2.0], heads, [1e10, 0.5])  # 1e40 overflows float32
+    assert not finite([1.0, 2.0], heads, [1.0, np.nan])
+    assert not finite([1.0, np.inf], heads, [1.0, 0.5])
+    assert not finite([1.0, 2.0], [[np.nan, 0.0], [1.0, 3.0]], [0.0, 0.5])  # 0 * NaN
+    # The bound overflows: refused, conservatively (no working model gets there).
+    assert not finite([3e38, 0.0], [[3e38, 0.0], [1.0, 1.0]], [1.0, 1.0])
+
+
 class FixedFromGram(km.weighting.Static):
     """Static weights taken through the Gram-matrix step (per-task
     gradients with respect to Z, one encoder backward)."""

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from keras_mgda import _keras
+from keras_mgda.backend import numpy_ops
 from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
@@ -36,7 +37,8 @@ __all__ = ["train_step", "unstack_result", "wrap_train_function"]
 State = collections.namedtuple("State", ["trainable", "non_trainable", "optimizer", "metrics"])
 # What the gradient phase hands to the decision and apply phases.
 _Result = collections.namedtuple(
-    "_Result", ["y_pred", "total", "task_losses", "gram", "weights", "grads", "non_trainable", "metrics"]
+    "_Result",
+    ["y_pred", "total", "task_losses", "gram", "weights", "grads", "grads_ok", "non_trainable", "metrics"],
 )
 
 
@@ -72,6 +74,23 @@ def _updated(scope, variables, values):
 
 def _select(ok, new, old):
     return [jnp.where(ok, n, o) for n, o in zip(new, old, strict=True)]
+
+
+def _apply_or_keep(ok, optimizer, state, gradients):
+    """The optimizer's update where the step is taken, the old values where
+    it is not, in one conditional: a select per variable and slot would
+    add its operands to each update's kernel (0.35 s of XLA's compile at
+    T=40). `gradients()` builds the gradients inside the branch, so that
+    the head weights' products fuse into the update."""
+
+    def apply():
+        trainable, values = optimizer.stateless_apply(state.optimizer, gradients(), state.trainable)
+        return list(trainable), list(values)
+
+    def keep():
+        return list(state.trainable), list(state.optimizer)
+
+    return jax.lax.cond(ok, apply, keep)
 
 
 def _losses_of(model, plan, batch, y_pred):
@@ -110,7 +129,9 @@ def _loss_step(model, plan, batch, state, loss_scale):
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     (_, ((y_pred, total, task_losses, weights), ntv, metrics)), grads = grad_fn(state.trainable)
-    return _Result(y_pred, total, task_losses, None, weights, list(grads), ntv, metrics)
+    grads = list(grads)
+    grads_ok = phases.gradients_finite(grads, fused=True)
+    return _Result(y_pred, total, task_losses, None, weights, lambda: grads, grads_ok, ntv, metrics)
 
 
 # Gram-matrix weightings ------------------------------------------------------
@@ -258,6 +279,27 @@ def _encoder_vjp(model, plan, batch, state):
     return jax.vjp(encoder_fn, state.trainable, has_aux=True)
 
 
+def _solves_on_host(plan):
+    """Whether the step hands the weighting's problem to the host (NumPy)
+    through a callback: on CPU, for three tasks or more, where the solvers'
+    loops would cost XLA more compile time than plain Keras's whole step
+    (1.9 s of 5.7 s at T=40, docs/benchmarks.md) and the host solve costs
+    the step about a millisecond. Two tasks have closed forms."""
+    return plan.weighting.solvable_on_host and plan.num_tasks >= 3 and jax.default_backend() == "cpu"
+
+
+def _host_task_weights(plan, losses, gram):
+    """`phases.task_weights` on the host, as the torch step computes them."""
+
+    def solve(losses, gram):
+        with np.errstate(all="ignore"):
+            weights, head_weights = phases.task_weights(plan, np.asarray(losses), np.asarray(gram), ops=numpy_ops)
+        return np.asarray(weights, np.float32), np.asarray(head_weights, np.float32)
+
+    shape = jax.ShapeDtypeStruct((plan.num_tasks,), jnp.float32)
+    return jax.pure_callback(solve, (shape, shape), losses, gram.astype(jnp.float32))
+
+
 def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
     """The weights, head weights, the non-trainable values after the
     weighting's state updates, and the gradient of its own loss (or None)."""
@@ -276,6 +318,9 @@ def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
         own = jnp.zeros((), "float32") if own is None else own
         return own * loss_scale.astype(own.dtype), (weights, head_weights, new_ntv)
 
+    if _solves_on_host(plan):
+        weights, head_weights = _host_task_weights(plan, losses, gram)
+        return weights, head_weights, ntv, None
     if not plan.weighting.trainable_variables:
         _, (weights, head_weights, ntv) = fn(state.trainable)
         return jax.lax.stop_gradient(weights), head_weights, ntv, None
@@ -330,6 +375,34 @@ def _opaque_scalars(vector):
     return list(jax.lax.fori_loop(0, count, keep, tuple(jnp.unstack(vector))))
 
 
+def _largest_entry(values):
+    """max |entry| over all `values` (NaN if one is NaN), one fused
+    reduction per dtype, in the widest of them."""
+    by_dtype = {}
+    for value in values:
+        if value is not None:
+            by_dtype.setdefault(value.dtype, []).append(jnp.ravel(value))
+    if not by_dtype:
+        return jnp.zeros((), "float32")
+    widest = jnp.result_type(*by_dtype)
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(jnp.concatenate(flat))).astype(widest) for flat in by_dtype.values()]))
+
+
+def _bounded(parts, head_parts, scales):
+    """Whether the step's gradients are finite, from a bound on their
+    entries that is NaN or Inf where any entry is: the sum over parts of
+    their largest entries, the heads' own times the largest head weight.
+    Read from the parts, not the sums: each head weight's product then
+    fuses into the optimizer's update instead of being a kernel of its own
+    per head variable (160 at T=40). A bound past the dtype's range (1e38
+    in float32) refuses the step: no gradient of a working model is that
+    large."""
+    bound = sum(_largest_entry(values) for _, values in parts)
+    heads = _largest_entry([value for _, values in head_parts for value in values])
+    largest_weight = jnp.max(jnp.abs(jnp.stack(scales)))
+    return jnp.isfinite(bound + heads.astype(largest_weight.dtype) * largest_weight)
+
+
 def _gram_step(model, plan, batch, state, loss_scale):
     """Gram-matrix weightings: per-task gradients with respect to Z, the
     weights, one encoder backward."""
@@ -355,8 +428,12 @@ def _gram_step(model, plan, batch, state, loss_scale):
     if extra_grads is not None:
         parts.append((everything, extra_grads))
     scales = _opaque_scalars(head_weights.astype(task_losses.dtype))
-    grads = phases.add_gradients(len(state.trainable), parts, head_parts, scales)
-    return _Result(y_pred, total, task_losses, gram, weights, grads, ntv, metrics)
+    grads_ok = _bounded(parts, head_parts, scales)
+
+    def grads():
+        return phases.add_gradients(len(state.trainable), parts, head_parts, scales)
+
+    return _Result(y_pred, total, task_losses, gram, weights, grads, grads_ok, ntv, metrics)
 
 
 # The step -------------------------------------------------------------------
@@ -403,8 +480,7 @@ def train_step(model, state, data):
         loss_scale = keras.ops.convert_to_tensor(optimizer.scale_loss(1.0), "float32")
     step = _gram_step if plan.needs_gram else _loss_step
     result = step(model, plan, batch, state, loss_scale)
-    grads_ok = phases.gradients_finite(result.grads, fused=True)
-    decision = phases.decide(plan, optimizer, result.task_losses, result.gram, result.weights, grads_ok)
+    decision = phases.decide(plan, optimizer, result.task_losses, result.gram, result.weights, result.grads_ok)
     if plan.on_nonfinite == "raise":
         # After a non-finite step, the rest of a multi-step execution
         # (steps_per_execution > 1) changes nothing either.
@@ -417,8 +493,8 @@ def train_step(model, state, data):
         diagnosed = diagnosis.on_bad_step(
             plan.recorded, plan.num_tasks, batch.x, predictions, decision.step_ok, decision.bad_index
         )
-    trainable, optimizer_values = optimizer.stateless_apply(state.optimizer, result.grads, state.trainable)
     ok = decision.step_ok
+    trainable, optimizer_values = _apply_or_keep(ok, optimizer, state, result.grads)
     non_trainable = result.non_trainable
     if plan.needs_losses_after_update:
         non_trainable = _after_update(
@@ -426,9 +502,9 @@ def train_step(model, state, data):
         )
     logs, metrics = _metrics_after(model, plan, batch, result, decision, state.metrics, diagnosed)
     return logs, (
-        _select(ok, trainable, state.trainable),
+        trainable,
         _select(ok, non_trainable, state.non_trainable),
-        _select(ok, optimizer_values, state.optimizer),
+        optimizer_values,
         metrics,
     )
 
