@@ -279,13 +279,25 @@ def _encoder_vjp(model, plan, batch, state):
     return jax.vjp(encoder_fn, state.trainable, has_aux=True)
 
 
+def _persistent_cache_on():
+    """Whether JAX's persistent compilation cache is switched on."""
+    return bool(jax.config.jax_compilation_cache_dir)
+
+
 def _solves_on_host(plan):
     """Whether the step hands the weighting's problem to the host (NumPy)
     through a callback: on CPU, for three tasks or more, where the solvers'
-    loops would cost XLA more compile time than plain Keras's whole step
-    (1.9 s of 5.7 s at T=40, docs/benchmarks.md) and the host solve costs
-    the step about a millisecond. Two tasks have closed forms."""
-    return plan.weighting.solvable_on_host and plan.num_tasks >= 3 and jax.default_backend() == "cpu"
+    loops cost XLA more compile time than the rest of the step (1.9 s of
+    5.7 s at T=40, docs/benchmarks.md) and the host solve costs the step
+    about a millisecond. Not with the persistent compilation cache on: JAX
+    does not cache a program that calls back to Python, so the step would
+    compile in every process. Two tasks have closed forms."""
+    return (
+        plan.weighting.solvable_on_host
+        and plan.num_tasks >= 3
+        and jax.default_backend() == "cpu"
+        and not _persistent_cache_on()
+    )
 
 
 def _host_task_weights(plan, losses, gram):
