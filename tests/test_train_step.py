@@ -334,7 +334,7 @@ def test_jax_solves_stateless_weightings_on_the_host_on_cpu(monkeypatch):
     results = []
     for on_host in (True, False):
         _RecordingMGDA.seen = []
-        monkeypatch.setattr(jax_step, "_persistent_cache_on", lambda: not on_host)
+        monkeypatch.setattr(jax_step, "_persistent_cache_on", lambda cache_on=not on_host: cache_on)
         model = _build(_RecordingMGDA())
         logs = model.train_on_batch(x, y, return_dict=True)
         if on_host:
