@@ -30,7 +30,6 @@ def main(path):
     x = keras.Input((6,))
     z = keras.layers.Dense(8, activation="relu")(x)
     outputs = {name: keras.layers.Dense(1, name=name)(z) for name in ("a", "b", "c")}
-    # Three tasks: with the cache on, MGDA's solve stays in the step.
     model = km.MultiTaskModel(x, outputs, weighting=km.weighting.MGDA())
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     rng = np.random.default_rng(0)

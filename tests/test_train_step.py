@@ -319,42 +319,6 @@ def test_torch_solves_stateless_weightings_on_the_host(monkeypatch):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX step paths")
-def test_jax_solves_stateless_weightings_on_the_host_on_cpu(monkeypatch):
-    """On CPU the JAX step hands a `host_solvable` weighting without state
-    (three tasks or more) to NumPy through a callback, where XLA would
-    compile the solver's loops into the step; every weight must move as
-    with the solve compiled in. With the persistent compilation cache on
-    (the test suite's), or for a weighting with state, it stays in the
-    step."""
-    import jax
-
-    from keras_mgda.backend import jax as jax_step
-
-    x, y = _data()
-    results = []
-    for on_host in (True, False):
-        _RecordingMGDA.seen = []
-        monkeypatch.setattr(jax_step, "_persistent_cache_on", lambda cache_on=not on_host: cache_on)
-        model = _build(_RecordingMGDA())
-        logs = model.train_on_batch(x, y, return_dict=True)
-        if on_host:
-            assert _RecordingMGDA.seen == [np.ndarray]  # called once, at run time
-        else:
-            assert len(_RecordingMGDA.seen) == 1 and issubclass(_RecordingMGDA.seen[0], jax.core.Tracer)
-        results.append((logs, _weights(model)))
-    (logs_host, host), (logs_jit, in_step) = results
-    for k in "abc":
-        np.testing.assert_allclose(logs_host[f"{k}_alpha"], logs_jit[f"{k}_alpha"], rtol=1e-5)
-    for name in host:
-        np.testing.assert_allclose(host[name], in_step[name], rtol=1e-5, atol=1e-7, err_msg=name)
-
-    monkeypatch.setattr(jax_step, "_persistent_cache_on", lambda: False)
-    _StatefulMGDA.seen = []
-    _build(_StatefulMGDA()).train_on_batch(x, y)
-    assert len(_StatefulMGDA.seen) == 1 and issubclass(_StatefulMGDA.seen[0], jax.core.Tracer)
-
-
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX step paths")
 def test_jax_finiteness_bound_refuses_every_non_finite_update():
     """The JAX step decides finiteness from a bound on the gradients (their
     parts' largest entries, the heads' times the largest head weight), not

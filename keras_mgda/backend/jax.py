@@ -28,7 +28,6 @@ import keras
 import numpy as np
 
 from keras_mgda import _keras
-from keras_mgda.backend import numpy_ops
 from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
@@ -279,39 +278,6 @@ def _encoder_vjp(model, plan, batch, state):
     return jax.vjp(encoder_fn, state.trainable, has_aux=True)
 
 
-def _persistent_cache_on():
-    """Whether JAX's persistent compilation cache is switched on."""
-    return bool(jax.config.jax_compilation_cache_dir)
-
-
-def _solves_on_host(plan):
-    """Whether the step hands the weighting's problem to the host (NumPy)
-    through a callback: on CPU, for three tasks or more, where the solvers'
-    loops cost XLA more compile time than the rest of the step (1.9 s of
-    5.7 s at T=40, docs/benchmarks.md) and the host solve costs the step
-    about a millisecond. Not with the persistent compilation cache on: JAX
-    does not cache a program that calls back to Python, so the step would
-    compile in every process. Two tasks have closed forms."""
-    return (
-        plan.weighting.solvable_on_host
-        and plan.num_tasks >= 3
-        and jax.default_backend() == "cpu"
-        and not _persistent_cache_on()
-    )
-
-
-def _host_task_weights(plan, losses, gram):
-    """`phases.task_weights` on the host, as the torch step computes them."""
-
-    def solve(losses, gram):
-        with np.errstate(all="ignore"):
-            weights, head_weights = phases.task_weights(plan, np.asarray(losses), np.asarray(gram), ops=numpy_ops)
-        return np.asarray(weights, np.float32), np.asarray(head_weights, np.float32)
-
-    shape = jax.ShapeDtypeStruct((plan.num_tasks,), jnp.float32)
-    return jax.pure_callback(solve, (shape, shape), losses, gram.astype(jnp.float32))
-
-
 def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
     """The weights, head weights, the non-trainable values after the
     weighting's state updates, and the gradient of its own loss (or None)."""
@@ -330,9 +296,6 @@ def _weigh(model, plan, state, ntv, task_losses, gram, loss_scale):
         own = jnp.zeros((), "float32") if own is None else own
         return own * loss_scale.astype(own.dtype), (weights, head_weights, new_ntv)
 
-    if _solves_on_host(plan):
-        weights, head_weights = _host_task_weights(plan, losses, gram)
-        return weights, head_weights, ntv, None
     if not plan.weighting.trainable_variables:
         _, (weights, head_weights, ntv) = fn(state.trainable)
         return jax.lax.stop_gradient(weights), head_weights, ntv, None
