@@ -126,7 +126,8 @@ def _flags_each(values: list, check: Callable, keys: list, ops: Ops) -> Tensor:
         key = keys[members[0]]
         parts.append(check(ops.stack([values[i] for i in members]), key))
         order += members
-    missing = [i for i in range(len(values)) if i not in set(order)]
+    placed = set(order)
+    missing = [i for i in range(len(values)) if i not in placed]
     parts.append(ops.zeros((len(missing),), "bool"))
     position = np.argsort(np.array(order + missing, "int32")).astype("int32")
     return ops.take(ops.concatenate([ops.cast(part, "bool") for part in parts]), position)
