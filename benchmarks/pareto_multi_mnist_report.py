@@ -188,7 +188,8 @@ def variants(results, grid):
         sets["(a) grid"] = grid
         m = measure(sets, reference)
         e, b, a = m["explored"], m["fine-tune x1"], m["(a) grid"]
-        lines.append(f"| {base['name']} | `{json.dumps(record.get('explore_settings', results['settings']['explore']))}` | "
+        setting = json.dumps(record.get("explore_settings", results["settings"]["explore"]))
+        lines.append(f"| {base['name']} | `{setting}` | "
                      f"{e['points']} | {e['hv_loss'] / b['hv_loss']:.2f} | {e['hv_error'] / b['hv_error']:.3f} | "
                      f"{e['hv_error'] / a['hv_error']:.3f} | {e['front_error']} | "
                      f"{e['cost']['gradients'] / b['cost']['gradients']:.2f} | {e['cost']['seconds']:.0f} |")
