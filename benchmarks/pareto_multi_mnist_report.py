@@ -170,14 +170,15 @@ def comparison(results, grid):
     return lines, numbers, reference
 
 
-VARIANT_HEADER = ["| exploration setting | points | HV loss / (b) x1 | HV error / (b) x1 | HV error / (a) | "
+VARIANT_HEADER = ["| start | exploration setting | points | HV loss / (b) x1 | HV error / (b) x1 | HV error / (a) | "
                   "on the joint front (error) | cost / (b) x1 (gradient passes) | seconds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
 
 def variants(results, grid):
-    """Markdown rows: each exploration setting tried from a start, against
-    that start's fine-tunes and the grid."""
+    """Markdown rows: each exploration setting tried from a start (the
+    main setting of every start first), against that start's fine-tunes
+    and the grid."""
     unit, reference = results["unit_costs"], references(results, grid)
     main = {record["name"]: record for record in results["starts"]}
     lines = list(VARIANT_HEADER)
@@ -187,7 +188,8 @@ def variants(results, grid):
         sets["(a) grid"] = grid
         m = measure(sets, reference)
         e, b, a = m["explored"], m["fine-tune x1"], m["(a) grid"]
-        lines.append(f"| `{json.dumps(record.get('explore_settings', results['settings']['explore']))}` | "
+        setting = json.dumps(record.get("explore_settings", results["settings"]["explore"]))
+        lines.append(f"| {base['name']} | `{setting}` | "
                      f"{e['points']} | {e['hv_loss'] / b['hv_loss']:.2f} | {e['hv_error'] / b['hv_error']:.3f} | "
                      f"{e['hv_error'] / a['hv_error']:.3f} | {e['front_error']} | "
                      f"{e['cost']['gradients'] / b['cost']['gradients']:.2f} | {e['cost']['seconds']:.0f} |")
@@ -253,7 +255,7 @@ def main(argv=None):
           f"loss {np.round(reference['loss'], 4).tolist()}")
     print("\n".join(lines))
     if results.get("variants"):
-        print("\nExploration settings from one start:\n")
+        print("\nExploration settings:\n")
         print("\n".join(variants(results, grid)))
     if args.figure:
         figure(results, grid, args.figure)
