@@ -4,7 +4,7 @@ function.
 On CPU every fusion is a kernel XLA compiles of its own (through LLVM), and
 every reduction or matrix-vector product is a fusion that does not fuse
 with its neighbours, so the count of fusions tracks compile time far better
-than the count of operations. Used by `solver_time.py`.
+than the count of operations. Used by `step_hlo.py`.
 """
 
 import re

@@ -7,8 +7,8 @@ the number of fusions, not of operations, tracks compile time. The same
 MultiMNIST LeNet as `step_time.py`, plain `keras.Model` and
 `keras_mgda.MultiTaskModel` with the same weights, built on one batch; each
 model's `train_step` is jitted, traced and lowered (`trace_s`, wall time)
-and compiled by XLA (`xla_cpu_s`, process CPU time: steadier than wall
-time on a shared machine), alternating between the two models, the least
+and compiled by XLA (`compile_s`, wall time, and `compile_cpu_s`, process
+CPU time: steadier on a shared machine), alternating between the two models, the least
 of `--repeats` each. The fusions of our step are also grouped by where
 they come from (the JAX op names of their root operations, task indices
 folded into `#`), the groups where the two steps differ listed largest
@@ -21,7 +21,6 @@ Usage:
 
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -37,6 +36,7 @@ from step_time import _compile  # noqa: E402
 from step_time import _data  # noqa: E402
 from step_time import lenet  # noqa: E402
 from step_time import make_weighting  # noqa: E402
+from step_time import write_line  # noqa: E402
 
 import keras_mgda as km  # noqa: E402
 from keras_mgda import _keras  # noqa: E402
@@ -126,12 +126,8 @@ def main():
     parser.add_argument("--output", help="append JSON lines here")
     args = parser.parse_args()
     for num_tasks in args.tasks:
-        line = json.dumps(measure(num_tasks, args.method, args.batch_size, args.repeats, args.groups,
-                                   args.on_nonfinite))
-        print(line, flush=True)
-        if args.output:
-            with open(args.output, "a") as f:
-                f.write(line + "\n")
+        result = measure(num_tasks, args.method, args.batch_size, args.repeats, args.groups, args.on_nonfinite)
+        write_line(result, args.output)
 
 
 if __name__ == "__main__":

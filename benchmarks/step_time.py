@@ -184,6 +184,15 @@ def measure(
     }
 
 
+def write_line(result, output=None):
+    """Prints `result` as a JSON line, and appends it to `output` if given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if output:
+        with open(output, "a") as f:
+            f.write(line + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 40])
@@ -218,11 +227,7 @@ def main():
                 num_tasks, method, args.steps, args.batch_size, args.repeats, jit,
                 on_nonfinite=args.on_nonfinite, model_name=args.model, eager_build=args.eager_build,
             )
-            line = json.dumps(result)
-            print(line, flush=True)
-            if args.output:
-                with open(args.output, "a") as f:
-                    f.write(line + "\n")
+            write_line(result, args.output)
 
 
 if __name__ == "__main__":

@@ -133,13 +133,19 @@ def _flags_each(values: list, check: Callable, keys: list, ops: Ops) -> Tensor:
     return ops.take(ops.concatenate([ops.cast(part, "bool") for part in parts]), position)
 
 
+def _not_all_per_row(valid: Tensor, ops: Ops) -> Tensor:
+    """(k,) bool from a stacked (k, ...) bool: whether any entry of each row
+    is False."""
+    axes = tuple(range(1, len(valid.shape)))
+    return ops.logical_not(ops.all(valid, axis=axes) if axes else valid)
+
+
 def _non_finite_each(values: list, ops: Ops) -> Tensor:
     """Which float values hold NaN or Inf ((len(values),) bool)."""
     floats = [v if v is not None and "float" in str(getattr(v, "dtype", "float")) else None for v in values]
 
     def check(stacked, _):
-        axes = tuple(range(1, len(stacked.shape)))
-        return ops.logical_not(ops.all(ops.isfinite(stacked), axis=axes)) if axes else ~ops.isfinite(stacked)
+        return _not_all_per_row(ops.isfinite(stacked), ops)
 
     return _flags_each(floats, check, [None] * len(values), ops)
 
@@ -155,9 +161,7 @@ def _data_causes(recorded: dict, num_tasks: int, ops: Ops) -> Tensor:
     targets_bad = _non_finite_each(targets, ops)
 
     def check(stacked, key):
-        axes = tuple(range(1, len(stacked.shape)))
-        valid = labels_out_of_range(stacked, *key, ops=ops)[0]
-        return ops.logical_not(ops.all(valid, axis=axes)) if axes else ops.logical_not(valid)
+        return _not_all_per_row(labels_out_of_range(stacked, *key, ops=ops)[0], ops)
 
     with_labels = [t if key is not None else None for t, key in zip(targets, labels, strict=True)]
     labels_bad = _flags_each(with_labels, check, labels, ops)
