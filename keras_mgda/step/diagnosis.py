@@ -136,8 +136,13 @@ def _flags_each(values: list, check: Callable, keys: list, ops: Ops) -> Tensor:
 def _not_all_per_row(valid: Tensor, ops: Ops) -> Tensor:
     """(k,) bool from a stacked (k, ...) bool: whether any entry of each row
     is False."""
-    axes = tuple(range(1, len(valid.shape)))
-    return ops.logical_not(ops.all(valid, axis=axes) if axes else valid)
+    if len(valid.shape) == 1:
+        return ops.logical_not(valid)
+    # One axis after a reshape: Keras < 3.11's torch `all` misreads several.
+    rest = valid.shape[1:]
+    width = int(np.prod(rest)) if all(dim is not None for dim in rest) else -1
+    rows = ops.reshape(valid, (valid.shape[0], width))
+    return ops.logical_not(ops.all(rows, axis=1))
 
 
 def _non_finite_each(values: list, ops: Ops) -> Tensor:
