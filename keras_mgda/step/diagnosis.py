@@ -43,7 +43,7 @@ __all__ = [
     "diagnose",
     "error_for",
     "labels_key",
-    "labels_out_of_range",
+    "labels_in_range",
     "on_bad_step",
     "renamed_for_task",
     "task_exception",
@@ -77,13 +77,14 @@ def labels_key(index: int) -> tuple[str, int]:
     return ("labels", index)
 
 
-def labels_out_of_range(y_true: Tensor, classes: int, ignore_class: int | None, *, ops: Ops = keras.ops):
-    """(valid, any_invalid): which labels lie in [0, classes) (or equal
-    `ignore_class`), and whether any does not."""
-    valid = ops.logical_and(y_true >= 0, y_true < classes)
+def labels_in_range(y_true: Tensor, classes: int, ignore_class: int | None) -> Tensor:
+    """Which labels lie in [0, classes) (or equal `ignore_class`), with the
+    array's own operators (each `keras.ops` call costs a dispatch in eager
+    torch, and the loss checks every task's labels every step)."""
+    valid = (y_true >= 0) & (y_true < classes)
     if ignore_class is not None:
-        valid = ops.logical_or(valid, y_true == ignore_class)
-    return valid, ops.logical_not(ops.all(valid))
+        valid = valid | (y_true == ignore_class)
+    return valid
 
 
 def _non_finite(value: Any, ops: Ops) -> Tensor | bool:
@@ -166,7 +167,7 @@ def _data_causes(recorded: dict, num_tasks: int, ops: Ops) -> Tensor:
     targets_bad = _non_finite_each(targets, ops)
 
     def check(stacked, key):
-        return _not_all_per_row(labels_out_of_range(stacked, *key, ops=ops)[0], ops)
+        return _not_all_per_row(labels_in_range(stacked, *key), ops)
 
     with_labels = [t if key is not None else None for t, key in zip(targets, labels, strict=True)]
     labels_bad = _flags_each(with_labels, check, labels, ops)

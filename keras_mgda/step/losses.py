@@ -73,13 +73,12 @@ class RecordingLoss:
         axis = options.get("axis", -1)
         classes, ignore_class = y_pred.shape[axis], options.get("ignore_class")
         self.sink[diagnosis.labels_key(self.index)] = (classes, ignore_class)
-        valid = diagnosis.labels_out_of_range(y_true, classes, ignore_class)[0]
+        valid = diagnosis.labels_in_range(y_true, classes, ignore_class)
         per_example = valid
         if len(valid.shape) == len(y_pred.shape) - 1:
             per_example = keras.ops.expand_dims(valid, axis)
-        nan = keras.ops.cast(float("nan"), y_pred.dtype)
-        poison = keras.ops.where(per_example, keras.ops.zeros_like(nan), nan)
-        return keras.ops.where(valid, y_true, keras.ops.zeros_like(y_true)), y_pred + poison
+        y_pred = keras.ops.where(per_example, y_pred, float("nan"))
+        return keras.ops.where(valid, y_true, 0), y_pred
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loss_fn, name)
