@@ -11,6 +11,11 @@ Usage:
 
     KERAS_BACKEND=torch python benchmarks/torch_step_sections.py --tasks 2
     KERAS_BACKEND=torch python benchmarks/torch_step_sections.py --tasks 40 --method cagrad
+    KERAS_BACKEND=torch python benchmarks/torch_step_sections.py --tasks 2 --inside _take_step _gram_step
+
+`--inside NAME ...` also times the statements of these functions of
+`keras_mgda.backend.torch`, each called by the one before it (the step
+calls the first); a statement's time includes the whole of its calls.
 """
 
 import argparse
@@ -105,6 +110,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--min-ms", type=float, default=0.05)
+    parser.add_argument("--inside", nargs="+", default=[], help="functions of keras_mgda.backend.torch to time too")
     args = parser.parse_args()
     if keras.backend.backend() != "torch":
         raise SystemExit("Run with KERAS_BACKEND=torch: this times the eager torch step.")
@@ -118,7 +124,13 @@ def main():
     x = rng.normal(size=(n, 28, 28, 1)).astype("float32")
     y = {f"task_{t}": rng.integers(0, 10, size=(n,)).astype("int32") for t in range(args.tasks)}
 
-    ours_records, plain_records = [], []
+    ours_records, plain_records, inner = [], [], {}
+    # Innermost first: each copy's globals then hold the timed functions it calls.
+    for name in reversed(args.inside):
+        inner[name] = [], None
+        timed, lines = instrumented(getattr(torch_step, name), inner[name][0])
+        inner[name] = inner[name][0], lines
+        setattr(torch_step, name, timed)
     ours_step, ours_lines = instrumented(torch_step.train_step, ours_records)
     plain_step, plain_lines = instrumented(TorchTrainer.train_step, plain_records)
     plain = lenet(args.tasks)
@@ -137,6 +149,8 @@ def main():
     steps = args.repeats * args.steps
     report(f"keras_mgda torch step, {args.method}, T={args.tasks}", ours_records, ours_lines,
            steps, args.min_ms)
+    for name in args.inside:
+        report(f"inside {name}", *inner[name], steps, args.min_ms)
     report(f"Keras's own torch step, T={args.tasks}", plain_records, plain_lines, steps, args.min_ms)
 
 
