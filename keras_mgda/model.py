@@ -140,7 +140,7 @@ class MultiTaskModel(keras.Model):
         if plan is not None and not self._logging_task_weights:
             # Task weights exist only in training: keep them out of
             # `evaluate` and the `val_` logs.
-            for key in plan.trackers.alpha.result_names():
+            for key in plan.trackers.alpha.result_names() + [mtl_backend.PACKED_RESULTS]:
                 results.pop(key, None)
             results.pop(plan.trackers.skipped.name, None)
         return results

@@ -403,3 +403,45 @@ def test_conflicting_tasks_reach_a_pareto_stationary_point():
     gram = np.array([[ga @ ga, ga @ gb], [gb @ ga, gb @ gb]])
     alpha = km.solvers.min_norm(gram.astype("float64"))
     assert float(np.asarray(alpha) @ gram @ np.asarray(alpha)) < 1e-6
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_every_batch_logs_each_task_weight_by_name(on_nonfinite):
+    # A compiled JAX step returns the weights as one vector, which the
+    # train function splits by name after the step (fewer kernels).
+    model = _compile(_untuned_model(normalization="l2", on_nonfinite=on_nonfinite))
+    x, y = _data(64)
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(dict(logs)))
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[record])
+    assert len(seen) == 2
+    for logs in seen:
+        assert list(logs) == sorted(logs) and not [key for key in logs if key.startswith("_")]
+        alphas = [float(logs[f"{t}_alpha"]) for t in TASKS]
+        assert min(alphas) >= 0 and sum(alphas) == pytest.approx(1.0, abs=1e-5)
+    scores = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert not [key for key in scores if key.startswith("_") or key.endswith("_alpha")]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's compiled step")
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_compiled_jax_step_packs_the_task_weights_only_where_it_waits_anyway(on_nonfinite):
+    import jax
+
+    from keras_mgda.backend import PACKED_RESULTS
+
+    model = _compile(_untuned_model(normalization="l2", on_nonfinite=on_nonfinite))
+    x, y = _data(32)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    state = tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables, model.non_trainable_variables,
+            model.optimizer.variables, model.metrics_variables,
+        )
+    )
+    logs, _ = jax.jit(model.train_step)(state, (x, y))
+    # "raise" reads a flag after every step, so splitting there adds no
+    # wait; "skip" keeps the step asynchronous and slices inside it.
+    assert (PACKED_RESULTS in logs) == (on_nonfinite == "raise")
+    assert ("reg_alpha" in logs) == (on_nonfinite == "skip")

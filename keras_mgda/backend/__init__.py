@@ -7,17 +7,18 @@ Nothing else in keras_mgda imports tensorflow, jax or torch.
 import keras
 
 __all__ = [
+    "PACKED_RESULTS",
     "averaged_hvp",
     "batch_average",
     "build_before_tracing",
     "distributed_step_function",
     "hessian_solve",
     "hessian_vector_product",
+    "named_results",
     "prepare_plan",
     "task_gradients",
     "task_jvp",
     "train_step",
-    "unstack_result",
     "weighted_gradient",
     "wrap_train_function",
 ]
@@ -80,15 +81,22 @@ def prepare_plan(plan, model):
         prepare(plan, model)
 
 
-def unstack_result(vector, num):
-    """A metric result vector as `num` values, as `keras.ops.unstack` gives
-    them, but split on the host where a backend would otherwise compile one
-    program per entry (eager JAX: about 12 ms each, 1 s per epoch end at
-    T=40)."""
-    unstack = getattr(_impl(), "unstack_result", None)
-    if unstack is None:
-        return keras.ops.unstack(vector, num=num)
-    return unstack(vector, num)
+# The log key of a result vector a backend splits by name only after the
+# step (`named_results`); `evaluate` drops it with the names.
+PACKED_RESULTS = "_keras_mgda_packed_results"
+
+
+def named_results(names, vector, packed=False):
+    """A metric result vector as `{name: entry}`, as `keras.ops.unstack`
+    gives the entries, but split on the host where a backend would compile
+    a program per entry (eager JAX: about 12 ms each, 1 s per epoch end at
+    T=40). With `packed`, a backend may return `{PACKED_RESULTS: vector}`
+    from inside a compiled step (JAX: T slices are T kernels to compile)
+    and split it after the step in `wrap_train_function`."""
+    named = getattr(_impl(), "named_results", None)
+    if named is None:
+        return dict(zip(names, keras.ops.unstack(vector, num=len(names)), strict=True))
+    return named(names, vector, packed)
 
 
 def task_gradients(model, variables, batch):

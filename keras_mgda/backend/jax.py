@@ -28,10 +28,11 @@ import keras
 import numpy as np
 
 from keras_mgda import _keras
+from keras_mgda.backend import PACKED_RESULTS
 from keras_mgda.step import diagnosis
 from keras_mgda.step import phases
 
-__all__ = ["train_step", "unstack_result", "wrap_train_function"]
+__all__ = ["named_results", "train_step", "wrap_train_function"]
 
 State = collections.namedtuple("State", ["trainable", "non_trainable", "optimizer", "metrics"])
 # What the gradient phase hands to the decision and apply phases.
@@ -512,7 +513,7 @@ def wrap_train_function(model, train_function):
                 _keras.set_jax_state(model, new_state)
                 cause = int(new_state[3][_flag_index(model, plan, "cause")])
                 raise diagnosis.error_for(plan.task_names, bad - 1, cause, plan.recorded)
-        return logs, new_state
+        return _unpacked(model, logs), new_state
 
     return checked
 
@@ -526,9 +527,22 @@ def _with_flag_cleared(model, plan, state):
     return trainable, non_trainable, optimizer_values, metrics
 
 
-def unstack_result(vector, num):
-    """Entries of a metric result: traced inside the step, NumPy scalars
-    outside it (eager slices compile one program each)."""
-    if isinstance(vector, jax.core.Tracer):
-        return list(jnp.unstack(vector, axis=0))
-    return list(np.asarray(vector))
+def named_results(names, vector, packed):
+    """A metric result vector by name: inside the step T slices, or one
+    packed entry (`packed`: T slices would be T kernels to compile);
+    NumPy scalars outside it (eager slices compile one program each)."""
+    if not isinstance(vector, jax.core.Tracer):
+        return dict(zip(names, np.asarray(vector), strict=True))
+    if packed:
+        return {PACKED_RESULTS: vector}
+    return dict(zip(names, jnp.unstack(vector), strict=True))
+
+
+def _unpacked(model, logs):
+    """The step's logs with the packed task weights split by name."""
+    if not isinstance(logs, dict) or PACKED_RESULTS not in logs:
+        return logs
+    names = model.step_plan.trackers.alpha.result_names()
+    logs = dict(logs)
+    logs.update(named_results(names, logs.pop(PACKED_RESULTS), packed=True))
+    return dict(sorted(logs.items()))  # Keras's logs are sorted by name

@@ -233,6 +233,8 @@ def build_plan(model: keras.Model, split: Split, weighting: Weighting, on_nonfin
         split=split,
         compile_loss=compile_loss,
         recorded=recorded,
-        trackers=make_trackers(names),
+        # A raising step's wrapper reads a flag after every step anyway:
+        # reading the task weights there too adds no wait.
+        trackers=make_trackers(names, split_after_step=on_nonfinite == "raise"),
         on_nonfinite=on_nonfinite,
     )

@@ -25,11 +25,16 @@ class TaskWeightsMean(keras.metrics.Metric):
 
     Args:
         task_names: the tasks' names, in task order.
+        split_after_step: whether a compiled step may return the weights
+            as one vector that the train function's wrapper splits by
+            name (`backend.named_results`): T fewer kernels to compile,
+            for one read of the vector after each step.
     """
 
-    def __init__(self, task_names: Iterable[str]) -> None:
+    def __init__(self, task_names: Iterable[str], split_after_step: bool = False) -> None:
         super().__init__(name="task_weights", dtype="float32")
         self.task_names = list(task_names)
+        self.split_after_step = split_after_step
         self.total = self.add_variable(
             shape=(len(self.task_names),),
             initializer="zeros",
@@ -56,8 +61,7 @@ class TaskWeightsMean(keras.metrics.Metric):
 
     def result(self) -> dict[str, Tensor]:
         means = keras.ops.divide_no_nan(self.total, self.count)
-        values = backend.unstack_result(means, len(self.task_names))
-        return dict(zip(self.result_names(), values, strict=True))
+        return backend.named_results(self.result_names(), means, packed=self.split_after_step)
 
 
 class FirstNonfiniteTask(keras.metrics.Metric):
@@ -126,11 +130,12 @@ class LastGram(keras.metrics.Metric):
         return {}
 
 
-def make_trackers(task_names: Iterable[str]) -> Trackers:
-    """The trackers for a compiled set of tasks."""
+def make_trackers(task_names: Iterable[str], split_after_step: bool = False) -> Trackers:
+    """The trackers for a compiled set of tasks (`split_after_step`: see
+    `TaskWeightsMean`)."""
     task_names = list(task_names)
     return Trackers(
-        alpha=TaskWeightsMean(task_names),
+        alpha=TaskWeightsMean(task_names, split_after_step),
         skipped=keras.metrics.Sum(name="skipped_steps"),
         nonfinite=FirstNonfiniteTask(),
         gram=LastGram(len(task_names)),
