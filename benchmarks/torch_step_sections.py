@@ -127,9 +127,9 @@ def main():
     ours_records, plain_records, inner = [], [], {}
     # Innermost first: each copy's globals then hold the timed functions it calls.
     for name in reversed(args.inside):
-        inner[name] = [], None
-        timed, lines = instrumented(getattr(torch_step, name), inner[name][0])
-        inner[name] = inner[name][0], lines
+        records = []
+        timed, lines = instrumented(getattr(torch_step, name), records)
+        inner[name] = records, lines
         setattr(torch_step, name, timed)
     ours_step, ours_lines = instrumented(torch_step.train_step, ours_records)
     plain_step, plain_lines = instrumented(TorchTrainer.train_step, plain_records)

@@ -513,7 +513,7 @@ def wrap_train_function(model, train_function):
                 _keras.set_jax_state(model, new_state)
                 cause = int(new_state[3][_flag_index(model, plan, "cause")])
                 raise diagnosis.error_for(plan.task_names, bad - 1, cause, plan.recorded)
-        return _unpacked(model, logs), new_state
+        return _unpacked(plan, logs), new_state
 
     return checked
 
@@ -538,11 +538,11 @@ def named_results(names, vector, packed):
     return dict(zip(names, jnp.unstack(vector), strict=True))
 
 
-def _unpacked(model, logs):
+def _unpacked(plan, logs):
     """The step's logs with the packed task weights split by name."""
     if not isinstance(logs, dict) or PACKED_RESULTS not in logs:
         return logs
-    names = model.step_plan.trackers.alpha.result_names()
+    names = plan.trackers.alpha.result_names()
     logs = dict(logs)
     logs.update(named_results(names, logs.pop(PACKED_RESULTS), packed=True))
     return dict(sorted(logs.items()))  # Keras's logs are sorted by name
