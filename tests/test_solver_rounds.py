@@ -2,27 +2,15 @@
 recorded and classified, and the classification matches the state changes
 it names."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from script_modules import load_script
 
 from keras_mgda import solvers
 
 pytestmark = pytest.mark.one_backend
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "solver_rounds.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("solver_rounds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rounds = _load()
+rounds = load_script("benchmarks/solver_rounds.py")
 
 
 def test_recording_changes_no_result_and_sees_every_round():
