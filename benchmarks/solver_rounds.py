@@ -3,16 +3,15 @@
 The solve time of the min-norm solver is its number of active-set rounds
 times the cost of one round (a linear solve and a few dozen small ops, so
 on every backend the per-op overhead, not the arithmetic, sets the cost).
-This script counts the rounds of each solve by what they did:
+This script counts the rounds of each solve of its primal-dual method
+(`keras_mgda.primal_dual`) by what they did:
 
-- join: tasks whose KKT condition fails join the free set (the step
-  reached its line minimum);
-- drop in place: free tasks at weight 0 whose step points below 0 leave
-  the free set, and the point does not move (a step of length 0: the
-  tasks that joined in the round before and are not in the support);
-- cut step: the step stops where a weight reaches 0, which leaves;
-- settle: the free set stays; the proximal step pulls the point towards
-  the optimum on it (the last of these ends the solve).
+- join: tasks whose KKT condition fails join the free set, and none leaves;
+- leave: free tasks leave (their weight came out <= 0, or reached 0 along
+  a cut step), and none joins;
+- swap: some tasks join and others leave in the same round;
+- hold: no task changes side (the second of these in a row ends the solve:
+  its solve refines the first).
 
 It runs the solver with the NumPy namespace (`numpy_ops`, as the torch
 train step does) and reads every round's state through the namespace's
@@ -35,7 +34,7 @@ import numpy as np
 from keras_mgda import solvers
 from keras_mgda.backend import numpy_ops
 
-KINDS = ("join", "drop in place", "cut step", "settle")
+KINDS = ("join", "leave", "swap", "hold")
 
 
 class _RecordingOps:
@@ -58,16 +57,13 @@ class _RecordingOps:
 
 
 def round_kind(before, after):
-    """What one round did, from the active set's state before and after
-    it: (y, gradient, noise, free, done)."""
-    y_before, free_before = before[0], before[3]
-    y_after, free_after = after[0], after[3]
-    if np.any(free_after & ~free_before):
-        return "join"
-    if np.any(free_before & ~free_after):
-        moved = np.max(np.abs(y_after - y_before)) > 4 * np.finfo(y_before.dtype).eps * np.max(np.abs(y_before))
-        return "cut step" if moved else "drop in place"
-    return "settle"
+    """What one round did, from the method's state before and after it:
+    (y, free, done, rounds, held, barred)."""
+    free_before, free_after = before[1], after[1]
+    joined, left = np.any(free_after & ~free_before), np.any(free_before & ~free_after)
+    if joined and left:
+        return "swap"
+    return "join" if joined else "leave" if left else "hold"
 
 
 def make_grams(num_tasks, count, seed=0):

@@ -3,9 +3,10 @@ weightings:
 
     minimise  w^T M w   subject to   w >= l   (and sum(w) = 1: `simplex`)
 
-for a positive semi-definite Gram matrix M. MGDA's min-norm point is the
-simplex case with l = 0 (`solvers.min_norm` polishes its warm start with
-it); UPGrad's projections onto the dual cone are the bound case with l = e_i.
+for a positive semi-definite Gram matrix M. UPGrad's projections onto the
+dual cone are the bound case with l = e_i. The simplex case with l = 0 is
+MGDA's min-norm point, which `solvers.min_norm` solves with the faster
+method of `keras_mgda.primal_dual`, in the same scaled variables.
 
 Each round solves the KKT system on the free set F (tasks above their
 bound) exactly, with a vanishing proximal term delta * |y - y_prev|^2 that

@@ -17,13 +17,14 @@ objective gaps of 1e-3 and worse. `min_norm` solves it to working precision:
    search (weight moves from the worst task in the support to the best task
    overall) until the duality gap is below `tol`: a cheap guess of the
    support, worth it for jitted JAX at T ~ 100.
-4. Polish with the primal active-set method of `keras_mgda.active_set`
-   (the one UPGrad's projections use too): each round solves the KKT system
-   on the current free set exactly (one linear solve, with a vanishing
-   proximal term so that identical or collinear gradients stay solvable),
-   line-searches exactly along that step within the simplex, drops the task
-   whose weight reaches 0, adds every task that violates the KKT
-   conditions, and stops when they hold to rounding noise.
+4. Polish with the active-set method of `keras_mgda.primal_dual`: each
+   round solves the KKT system on the current free set exactly (one linear
+   solve, with a rounding-level proximal term so that identical or
+   collinear gradients stay solvable); the first rounds bind every task
+   whose weight comes out <= 0 and free every task that violates the KKT
+   conditions, all at once, later ones cut the step where a weight
+   reaches 0 (which cannot cycle); it stops at the second round in a row
+   in which no task changes side.
 
 A caveat on "exact": where the optimum is 0 to within rounding (the origin
 is in the hull) and M was computed in floating point, M is itself indefinite
@@ -41,7 +42,7 @@ import keras
 import numpy as np
 
 from keras_mgda import numerics as nx
-from keras_mgda.active_set import active_set_qp
+from keras_mgda.primal_dual import primal_dual_min_norm
 from keras_mgda.types import ArrayLike
 from keras_mgda.types import Ops
 from keras_mgda.types import Tensor
@@ -156,15 +157,9 @@ def _frank_wolfe(gram, mask, weights, max_iters, tol, ops):
 
 
 def _polish(gram, mask, weights, ops):
-    """The exact active-set method of `keras_mgda.active_set` on the
-    simplex, from the warm start `weights` (its support is the first free
-    set)."""
-    num_tasks = gram.shape[-1]
-    lower = ops.zeros_like(weights)
-    return active_set_qp(
-        gram, lower, weights, weights > 0, mask,
-        simplex=True, max_rounds=2 * num_tasks + 16, ops=ops,
-    )
+    """The exact active-set method of `keras_mgda.primal_dual`, from the
+    warm start `weights` (its support is the first free set)."""
+    return primal_dual_min_norm(gram, weights, mask, ops=ops)
 
 
 def min_norm(
