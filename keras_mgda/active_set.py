@@ -33,7 +33,7 @@ from keras_mgda import numerics as nx
 from keras_mgda.types import Ops
 from keras_mgda.types import Tensor
 
-__all__ = ["JOIN_NOISE", "active_set_qp"]
+__all__ = ["JOIN_NOISE", "ScaledProblem", "active_set_qp"]
 
 # A task joins the free set when its KKT condition is violated by more than
 # JOIN_NOISE times the rounding noise of its gradient entry; lower values
@@ -41,8 +41,9 @@ __all__ = ["JOIN_NOISE", "active_set_qp"]
 JOIN_NOISE = 16.0
 
 
-class _Problem:
-    """The scaled problem: C, |C|, the bounds and the sum constraint in y."""
+class ScaledProblem:
+    """The scaled problem: C, |C|, the bounds and the sum constraint in y
+    (`keras_mgda.primal_dual` solves MGDA's simplex case on it too)."""
 
     def __init__(self, gram, lower, mask, simplex, ops):
         self.ops = ops
@@ -209,7 +210,7 @@ def active_set_qp(
     """
     if mask is None:
         mask = ops.ones_like(start, dtype="bool")
-    problem = _Problem(gram, lower, mask, simplex, ops)
+    problem = ScaledProblem(gram, lower, mask, simplex, ops)
     y = start * problem.scale
     grad, reduced, noise = problem.products(y)
     if free is None:

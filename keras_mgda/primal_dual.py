@@ -34,6 +34,7 @@ import numpy as np
 
 from keras_mgda import numerics as nx
 from keras_mgda.active_set import JOIN_NOISE
+from keras_mgda.active_set import ScaledProblem
 from keras_mgda.types import Ops
 from keras_mgda.types import Tensor
 
@@ -44,43 +45,22 @@ __all__ = ["primal_dual_min_norm"]
 DELTA_IN_EPS = 16.0
 
 
-class _Simplex:
-    """The scaled problem: C, |C|, 1 / s and the proximal term."""
-
-    def __init__(self, gram, mask, ops):
-        self.ops, self.mask = ops, mask
-        self.eps = nx.eps(nx.float_dtype(gram))
-        self.delta = DELTA_IN_EPS * self.eps
-        floor = nx.const(self.eps * self.eps, gram, ops=ops)  # a zero gradient stays solvable
-        self.scale = ops.sqrt(nx.maximum(ops.diagonal(gram, axis1=-2, axis2=-1), floor, ops=ops))
-        self.unit = gram / self.scale[..., :, None] / self.scale[..., None, :]
-        self.abs_unit = ops.abs(self.unit)
-        self.inverse = 1.0 / self.scale  # sum(w) = inverse . y
-
-    def solution(self, center, free):
-        """argmin y^T C y + delta |y - center|^2 with y = 0 off the free set
-        and sum(w) = 1: (C_FF + delta I) y = delta center + lambda s^-1."""
-        ops = self.ops
-        free_f = ops.cast(free, self.unit.dtype)
-        eye = ops.eye(free.shape[-1], dtype=self.unit.dtype)
-        system = self.unit * free_f[..., :, None] * free_f[..., None, :]
-        delta = nx.const(self.delta, self.unit, ops=ops)  # both branches scalars: no dtype
-        system = system + eye * ops.where(free, delta, 1.0)[..., None]
-        rhs = ops.concatenate([(self.delta * free_f * center)[..., None], (free_f * self.inverse)[..., None]], axis=-1)
-        parts = ops.solve(system, rhs)
-        pulled, summing = parts[..., 0], parts[..., 1]
-        sums = ops.sum(self.inverse[..., None] * parts, axis=-2)  # sum(w) of each part
-        return free_f * (pulled + (1.0 - sums[..., :1]) / sums[..., 1:] * summing)
-
-    def multipliers(self, y):
-        """The bound constraints' multipliers, (C y)_i - s_i^-1 y^T C y, and
-        their rounding noise."""
-        ops = self.ops
-        grad = nx.matvec(self.unit, y, ops=ops)
-        abs_grad = nx.matvec(self.abs_unit, ops.abs(y), ops=ops)
-        value = ops.sum(y * grad, axis=-1, keepdims=True)
-        abs_value = ops.sum(ops.abs(y) * abs_grad, axis=-1, keepdims=True)
-        return grad - value * self.inverse, self.eps * (abs_grad + abs_value * self.inverse)
+def _free_solution(problem, center, free):
+    """argmin y^T C y + delta |y - center|^2 with y = 0 off the free set
+    and sum(w) = 1: (C_FF + delta I) y = delta center + lambda s^-1, solved
+    for both right-hand sides at once."""
+    ops, dtype = problem.ops, problem.dtype
+    delta = DELTA_IN_EPS * problem.eps
+    free_f = ops.cast(free, dtype)
+    eye = ops.eye(free.shape[-1], dtype=dtype)
+    system = problem.unit * free_f[..., :, None] * free_f[..., None, :]
+    typed_delta = nx.const(delta, problem.unit, ops=ops)  # both branches scalars: no dtype
+    system = system + eye * ops.where(free, typed_delta, 1.0)[..., None]
+    rhs = ops.concatenate([(delta * free_f * center)[..., None], (free_f * problem.inverse)[..., None]], axis=-1)
+    parts = ops.solve(system, rhs)
+    pulled, summing = parts[..., 0], parts[..., 1]
+    sums = ops.sum(problem.inverse[..., None] * parts, axis=-2)  # sum(w) of each part
+    return free_f * (pulled + (1.0 - sums[..., :1]) / sums[..., 1:] * summing)
 
 
 def _step(problem, y, solution, free, jumping):
@@ -106,9 +86,9 @@ def _round(problem, jumps, state):
     ops = problem.ops
     y, free, done, rounds, held, barred = state
     jumping = (rounds < jumps)[..., None]
-    solution = problem.solution(y, free)
+    solution = _free_solution(problem, y, free)
     moved, leaving, cut, shifted = _step(problem, y, solution, free, jumping)
-    reduced, noise = problem.multipliers(moved)
+    _, reduced, noise = problem.products(moved)  # multipliers, rounding noise
     joining = problem.mask & ~free & ~barred & ~cut & (reduced + JOIN_NOISE * noise < 0)
     holds = ~ops.any(leaving | joining, axis=-1)
     # Left without the point moving: barred from joining until it moves.
@@ -146,7 +126,7 @@ def primal_dual_min_norm(gram: Tensor, start: Tensor, mask: Tensor, *, ops: Ops)
     ```
     """
     num_tasks = gram.shape[-1]
-    problem = _Simplex(gram, mask, ops)
+    problem = ScaledProblem(gram, ops.zeros_like(start), mask, True, ops)
     free = start > 0
     done = ~ops.any(free, axis=-1)
     rounds = ops.zeros_like(start[..., 0])
