@@ -27,12 +27,16 @@ Usage:
 
 import argparse
 import collections
-import json
+import os
+import sys
 
 import numpy as np
 
 from keras_mgda import solvers
 from keras_mgda.backend import numpy_ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_time import write_line  # noqa: E402
 
 KINDS = ("join", "leave", "swap", "hold")
 
@@ -104,11 +108,7 @@ def main():
     parser.add_argument("--output", help="append JSON lines here")
     args = parser.parse_args()
     for num_tasks in args.tasks:
-        text = json.dumps(count_rounds(num_tasks, args.problems))
-        print(text, flush=True)
-        if args.output:
-            with open(args.output, "a") as f:
-                f.write(text + "\n")
+        write_line(count_rounds(num_tasks, args.problems), args.output)
 
 
 if __name__ == "__main__":

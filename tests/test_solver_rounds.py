@@ -25,9 +25,9 @@ def test_kinds_name_the_state_change():
     free = np.array([True, True, False])
     state = (None, free, False, 0.0, False, None)
     assert rounds.round_kind(state, (None, np.array([True, True, True]), False, 1.0, False, None)) == "join"
-    assert rounds.round_kind(state, (None, np.array([True, False, False]), False, 1.0, False)) == "leave"
-    assert rounds.round_kind(state, (None, np.array([True, False, True]), False, 1.0, False)) == "swap"
-    assert rounds.round_kind(state, (None, free, True, 1.0, True)) == "hold"
+    assert rounds.round_kind(state, (None, np.array([True, False, False]), False, 1.0, False, None)) == "leave"
+    assert rounds.round_kind(state, (None, np.array([True, False, True]), False, 1.0, False, None)) == "swap"
+    assert rounds.round_kind(state, (None, free, True, 1.0, True, None)) == "hold"
 
 
 def test_counts_add_up_to_the_rounds():
